@@ -1,0 +1,514 @@
+"""The dataset: schema, the sharded writer, the dataset card and the preview sheet.
+
+The output folder is a Hugging Face dataset in the Hub's layout, so ``datasets.load_dataset(folder)``
+reads it back with its features, and publishing is an upload of the folder::
+
+    folder/
+      README.md                  dataset card; YAML ``configs:`` (default, rejected) and ``dataset_info``
+      data/<split>-0000i-of-0000n.parquet
+      rejected/<split>-00000-of-00001.parquet   every refused input: id, split, stage, reason
+      generation.json            the settings that produced the folder
+      preview.png                original | mask | positives | negatives, one row per sampled original
+
+Shards are written to a temporary name and renamed into place, so a reader never sees half a file.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import shutil
+from collections import Counter, defaultdict
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import yaml
+from PIL import Image, ImageDraw
+
+from . import __version__
+
+KINDS = ("original", "positive", "negative", "generated")
+SPLIT_ORDER = ("train", "validation", "test")
+
+
+def dataset_features(class_names: Sequence[str]):
+    """The ``datasets.Features`` of a counterfactual dataset (see DESIGN.md)."""
+    from datasets import ClassLabel, Features, List, Value
+    from datasets import Image as ImageFeature
+
+    return Features(
+        {
+            "id": Value("string"),
+            "image": ImageFeature(),
+            "mask": ImageFeature(),
+            "label": ClassLabel(names=list(class_names)),
+            "bg_label": Value("int32"),
+            "kind": Value("string"),
+            "source_id": Value("string"),
+            "caption": Value("string"),
+            "fg_phrases": List(Value("string")),
+            "bg_phrases": List(Value("string")),
+            "spurious_phrases": List(Value("string")),
+            "recipe": Value("string"),
+        }
+    )
+
+
+def rejected_features():
+    """The ``datasets.Features`` of the ``rejected`` configuration."""
+    from datasets import Features, Value
+
+    return Features(
+        {"id": Value("string"), "split": Value("string"), "stage": Value("string"), "reason": Value("string")}
+    )
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    """Lossless PNG encoding (what the dataset stores, so pixels round-trip exactly)."""
+    buf = io.BytesIO()
+    image.save(buf, format="PNG", compress_level=1)
+    return buf.getvalue()
+
+
+@dataclass
+class Row:
+    """One image row of the dataset, before encoding."""
+
+    id: str
+    image: Image.Image
+    label: int
+    kind: str
+    source_id: str
+    mask: Image.Image | None = None
+    bg_label: int = -1
+    caption: str = ""
+    fg_phrases: list[str] = field(default_factory=list)
+    bg_phrases: list[str] = field(default_factory=list)
+    spurious_phrases: list[str] = field(default_factory=list)
+    recipe: dict[str, Any] = field(default_factory=dict)
+
+    def encode(self) -> dict[str, Any]:
+        if self.kind not in KINDS:
+            raise ValueError(f"row {self.id}: kind must be one of {KINDS}, got {self.kind!r}")
+        if self.image.mode != "RGB":
+            raise ValueError(f"row {self.id}: image must be RGB, got mode {self.image.mode}")
+        if self.mask is not None and (self.mask.mode != "L" or self.mask.size != self.image.size):
+            raise ValueError(
+                f"row {self.id}: mask must be mode L and the image's size {self.image.size}, "
+                f"got mode {self.mask.mode} size {self.mask.size}"
+            )
+        return {
+            "id": self.id,
+            "image": {"bytes": png_bytes(self.image), "path": None},
+            "mask": None if self.mask is None else {"bytes": png_bytes(self.mask), "path": None},
+            "label": int(self.label),
+            "bg_label": int(self.bg_label),
+            "kind": self.kind,
+            "source_id": self.source_id,
+            "caption": self.caption,
+            "fg_phrases": list(self.fg_phrases),
+            "bg_phrases": list(self.bg_phrases),
+            "spurious_phrases": list(self.spurious_phrases),
+            "recipe": json.dumps(self.recipe, sort_keys=True),
+        }
+
+
+def _write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> int:
+    """Write ``rows`` as one parquet file, atomically (temporary name, then rename); returns Arrow bytes.
+
+    An empty table is written with no row group at all: ``datasets`` cannot read a zero-row group.
+    """
+    tmp = path.with_name(path.name + ".tmp")
+    if rows:
+        table = pa.Table.from_pylist(rows, schema=schema)
+        pq.write_table(table, tmp)
+        nbytes = table.nbytes
+    else:
+        pq.ParquetWriter(tmp, schema).close()
+        nbytes = 0
+    os.replace(tmp, path)
+    return int(nbytes)
+
+
+class DatasetWriter:
+    """Write rows and rejections into a dataset folder (see the module docstring).
+
+    Rows are buffered per split and written ``shard_size`` at a time; ``close`` names the shards
+    ``-0000i-of-0000n``, writes the ``rejected`` tables, the card and the preview, and returns the
+    counts. Ids must be unique across the dataset.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        class_names: Sequence[str],
+        shard_size: int = 2000,
+        overwrite: bool = False,
+        preview_rows: int = 9,
+    ):
+        self.output_dir = Path(output_dir)
+        if self.output_dir.exists() and any(self.output_dir.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"{self.output_dir} exists and is not empty; choose another --output or pass --overwrite"
+                )
+            shutil.rmtree(self.output_dir)
+        (self.output_dir / "data").mkdir(parents=True, exist_ok=True)
+        (self.output_dir / "rejected").mkdir(parents=True, exist_ok=True)
+        self.class_names = list(class_names)
+        self.features = dataset_features(self.class_names)
+        self.schema = self.features.arrow_schema
+        self.shard_size = shard_size
+        self._buffers: dict[str, list[dict]] = defaultdict(list)
+        self._shards: dict[str, list[Path]] = defaultdict(list)
+        self._nbytes: Counter = Counter()  # config/split -> Arrow bytes
+        self._rejected: list[dict[str, str]] = []
+        self._ids: set[str] = set()
+        self.counts: dict[str, Counter] = defaultdict(Counter)  # split -> kind -> n
+        self.groups: dict[str, Counter] = defaultdict(Counter)  # split -> (label, bg_label) of originals
+        self.generators: Counter = Counter()
+        self._preview = _PreviewCollector(preview_rows)
+
+    # -- rows ----------------------------------------------------------------------------------
+    def add(self, split: str, row: Row) -> None:
+        """Queue one row of ``split``; a full buffer is written as a shard."""
+        if row.id in self._ids:
+            raise ValueError(f"duplicate id {row.id!r}: ids must be unique across the dataset")
+        if not -1 <= row.label < len(self.class_names):
+            raise ValueError(
+                f"row {row.id}: label {row.label} is not a class index (0..{len(self.class_names) - 1} or -1)"
+            )
+        self._buffers[split].append(row.encode())
+        self._ids.add(row.id)
+        self.counts[split][row.kind] += 1
+        if row.kind == "original":
+            self.groups[split][(int(row.label), int(row.bg_label))] += 1
+        elif "generator" in row.recipe:
+            self.generators[row.recipe["generator"]] += 1
+        if split == "train":
+            self._preview.offer(row)
+        if len(self._buffers[split]) >= self.shard_size:
+            self._flush(split)
+
+    def reject(self, id: str, split: str, stage: str, reason: str) -> None:
+        """Record an input (or a derived row) that a stage refused, with the reason."""
+        self._rejected.append({"id": id, "split": split, "stage": stage, "reason": reason})
+
+    def _flush(self, split: str) -> None:
+        rows = self._buffers.pop(split, [])
+        if not rows:
+            return
+        path = self.output_dir / "data" / f"{split}-{len(self._shards[split]):05d}.parquet"
+        self._nbytes[("default", split)] += _write_table(rows, self.schema, path)
+        self._shards[split].append(path)
+
+    @property
+    def rejected(self) -> list[dict[str, str]]:
+        return list(self._rejected)
+
+    # -- finishing -----------------------------------------------------------------------------
+    def close(self, settings: dict[str, Any] | None = None, description: str = "") -> dict[str, Any]:
+        """Write everything still buffered, the rejected tables, the card and the preview."""
+        for split in list(self._buffers):
+            self._flush(split)
+        splits = [s for s in SPLIT_ORDER if s in self._shards] + sorted(set(self._shards) - set(SPLIT_ORDER))
+        if not splits:
+            raise RuntimeError(f"no rows were written to {self.output_dir}: every input was rejected")
+        for split in splits:
+            shards = self._shards[split]
+            for i, path in enumerate(shards):
+                path.rename(path.with_name(f"{split}-{i:05d}-of-{len(shards):05d}.parquet"))
+        rej_schema = rejected_features().arrow_schema
+        rejected_by_split: dict[str, list[dict]] = defaultdict(list)
+        for r in self._rejected:
+            rejected_by_split[r["split"]].append(r)
+        rejected_splits = splits + sorted(set(rejected_by_split) - set(splits))
+        # datasets cannot load a split with no rows (load_dataset raises "corresponds to no data"), so
+        # the card lists the non-empty rejected tables; every table is on disk, empty or not, and
+        # load_rejected() reads them all.
+        listed = [s for s in rejected_splits if rejected_by_split.get(s)] or rejected_splits
+        for split in rejected_splits:
+            path = self.output_dir / "rejected" / f"{split}-00000-of-00001.parquet"
+            self._nbytes[("rejected", split)] = _write_table(
+                rejected_by_split.get(split, []), rej_schema, path
+            )
+        summary = {
+            "splits": {s: dict(self.counts[s]) for s in splits},
+            "rejected": {s: len(rejected_by_split.get(s, [])) for s in rejected_splits},
+            "rejected_by_stage": dict(Counter(r["stage"] for r in self._rejected)),
+            "generators": dict(self.generators),
+        }
+        settings = dict(settings or {})
+        settings["package_version"] = __version__
+        (self.output_dir / "generation.json").write_text(
+            json.dumps(settings, indent=2, sort_keys=True, default=str)
+        )
+        card = render_card(self, splits, listed, settings, summary, description)
+        (self.output_dir / "README.md").write_text(card, encoding="utf-8")
+        sheet = self._preview.render(self.class_names)
+        if sheet is not None:
+            sheet.save(self.output_dir / "preview.png")
+        return summary
+
+
+# ----------------------------------------------------------------------------------------------
+# Dataset card
+# ----------------------------------------------------------------------------------------------
+
+
+def render_card(
+    writer: DatasetWriter,
+    splits: list[str],
+    rejected_splits: list[str],
+    settings: dict[str, Any],
+    summary: dict[str, Any],
+    description: str,
+) -> str:
+    """The README.md of the dataset folder: YAML metadata that ``load_dataset`` reads, then prose."""
+    total = {s: sum(writer.counts[s].values()) for s in splits}
+    meta = {
+        "configs": [
+            {
+                "config_name": "default",
+                "default": True,
+                "data_files": [{"split": s, "path": f"data/{s}-*"} for s in splits],
+            },
+            {
+                "config_name": "rejected",
+                "data_files": [{"split": s, "path": f"rejected/{s}-*"} for s in rejected_splits],
+            },
+        ],
+        "dataset_info": [
+            {
+                "config_name": "default",
+                "features": writer.features._to_yaml_list(),
+                "splits": [
+                    {"name": s, "num_bytes": writer._nbytes[("default", s)], "num_examples": total[s]}
+                    for s in splits
+                ],
+            },
+            {
+                "config_name": "rejected",
+                "features": rejected_features()._to_yaml_list(),
+                "splits": [
+                    {
+                        "name": s,
+                        "num_bytes": writer._nbytes[("rejected", s)],
+                        "num_examples": summary["rejected"][s],
+                    }
+                    for s in rejected_splits
+                ],
+            },
+        ],
+        "task_categories": ["image-classification"],
+        "tags": ["counterfactual-augmentation", "background-bias", "clad", "aspire", "synthetic"]
+        if settings.get("source") == "synthetic"
+        else ["counterfactual-augmentation", "background-bias", "clad", "aspire"],
+    }
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
+    lines += ["# Counterfactual dataset", ""]
+    if description:
+        lines += [description, ""]
+    lines += [
+        "Each original image sits beside the counterfactuals derived from it: *positives* keep the object",
+        "and change the background, *negatives* keep the background and remove or replace the object",
+        "(label -1 when no object is left). `bg_label` is the class whose background an image carries and",
+        "keys CLAD's negative dictionary; `recipe` (JSON) records how each row was made.",
+        "",
+        "```python",
+        "from datasets import load_dataset",
+        "",
+        'ds = load_dataset("path/to/this/folder")            # train / validation / test',
+        'rejected = load_dataset("path/to/this/folder", "rejected")  # every refused input and why',
+        "```",
+        "",
+        "## Counts",
+        "",
+        "| split | " + " | ".join(KINDS) + " | rejected |",
+        "| --- | " + " | ".join("---" for _ in KINDS) + " | --- |",
+    ]
+    for s in splits:
+        lines.append(
+            f"| {s} | "
+            + " | ".join(str(writer.counts[s].get(k, 0)) for k in KINDS)
+            + f" | {summary['rejected'][s]} |"
+        )
+    lines += [
+        "",
+        "## Source and generators",
+        "",
+        "```json",
+        json.dumps(settings, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+    ]
+    if summary["generators"]:
+        lines += [
+            "Rows per generator: "
+            + ", ".join(f"`{g}` {n}" for g, n in sorted(summary["generators"].items())),
+            "",
+        ]
+    names = writer.class_names
+    for s in splits:
+        groups = writer.groups[s]
+        if not groups:
+            continue
+        bg_ids = sorted({b for _, b in groups})
+        lines += [f"## Originals per (label, bg_label) group: {s}", ""]
+        lines.append(
+            "| label \\ bg_label | "
+            + " | ".join(names[b] if 0 <= b < len(names) else str(b) for b in bg_ids)
+            + " |"
+        )
+        lines.append("| --- | " + " | ".join("---" for _ in bg_ids) + " |")
+        for y in sorted({y for y, _ in groups}):
+            lines.append(f"| {names[y]} | " + " | ".join(str(groups.get((y, b), 0)) for b in bg_ids) + " |")
+        lines.append("")
+    lines += ["## Rejected", ""]
+    if writer.rejected:
+        lines.append("| stage | count |")
+        lines.append("| --- | --- |")
+        for stage, n in sorted(summary["rejected_by_stage"].items()):
+            lines.append(f"| {stage} | {n} |")
+        lines += ["", "First reasons:", ""]
+        lines += [f"- `{r['id']}` ({r['stage']}): {r['reason']}" for r in writer.rejected[:10]]
+    else:
+        lines.append("No input was rejected.")
+    lines += ["", "## Columns", ""]
+    lines += [
+        "| column | meaning |",
+        "| --- | --- |",
+        "| `id` | `{source}/{split}/{index}` for originals, `{source_id}/{kind}/{k}` for derived rows |",
+        "| `image`, `mask` | RGB image; foreground mask (255 = object), empty when no object is left |",
+        "| `label` | the object's class (-1: no object) |",
+        "| `bg_label` | the class whose background the image carries (-1: unknown) |",
+        "| `kind` | original, positive, negative or generated |",
+        "| `source_id` | the original the row derives from (itself for originals) |",
+        "| `caption`, `fg_phrases`, `bg_phrases`, `spurious_phrases` | descriptions |",
+        "| `recipe` | JSON provenance: generator, operation, sources, seeds, settings |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------------------------
+# Preview sheet
+# ----------------------------------------------------------------------------------------------
+
+
+class _PreviewCollector:
+    """Keeps one original per class (up to ``max_rows``) and the rows derived from it."""
+
+    def __init__(self, max_rows: int):
+        self.max_rows = max_rows
+        self.rows: dict[str, dict[str, Any]] = {}
+        self._labels: set[int] = set()
+
+    def offer(self, row: Row) -> None:
+        if row.kind == "original":
+            if len(self.rows) < self.max_rows and row.label not in self._labels:
+                self.rows[row.id] = {"original": row, "positive": [], "negative": []}
+                self._labels.add(row.label)
+        elif row.source_id in self.rows and row.kind in ("positive", "negative"):
+            self.rows[row.source_id][row.kind].append(row)
+
+    def render(self, class_names: Sequence[str], cell: int = 96) -> Image.Image | None:
+        entries = [e for e in self.rows.values() if e["positive"] or e["negative"]]
+        if not entries:
+            return None
+        n_pos = max(len(e["positive"]) for e in entries)
+        n_neg = max(len(e["negative"]) for e in entries)
+        headers = (
+            ["original", "mask"]
+            + [f"positive {i + 1}" for i in range(n_pos)]
+            + [f"negative {i + 1}" for i in range(n_neg)]
+        )
+        label_h, header_h = 14, 16
+        sheet = Image.new("RGB", (cell * len(headers), header_h + len(entries) * (cell + label_h)), "white")
+        draw = ImageDraw.Draw(sheet)
+        for c, h in enumerate(headers):
+            draw.text((c * cell + 4, 2), h, fill="black")
+
+        def name(label: int) -> str:
+            return class_names[label] if 0 <= label < len(class_names) else "none"
+
+        for r, e in enumerate(entries):
+            y = header_h + r * (cell + label_h)
+            orig: Row = e["original"]
+            cells: list[tuple[Image.Image, str]] = [
+                (orig.image, name(orig.label)),
+                (
+                    orig.mask.convert("RGB")
+                    if orig.mask is not None
+                    else Image.new("RGB", orig.image.size, "grey"),
+                    "mask",
+                ),
+            ]
+            cells += [(p.image, f"bg: {name(p.bg_label)}") for p in e["positive"]]
+            cells += [
+                (Image.new("RGB", orig.image.size, "white"), "") for _ in range(n_pos - len(e["positive"]))
+            ]
+            cells += [(q.image, name(q.label)) for q in e["negative"]]
+            for c, (img, text) in enumerate(cells):
+                sheet.paste(img.convert("RGB").resize((cell, cell), Image.NEAREST), (c * cell, y))
+                draw.text((c * cell + 3, y + cell), text, fill="black")
+        return sheet
+
+
+def _split_rank(split: str) -> int:
+    return SPLIT_ORDER.index(split) if split in SPLIT_ORDER else len(SPLIT_ORDER)
+
+
+def _check_folder(path: Path) -> None:
+    if not (path / "README.md").is_file() or not (path / "data").is_dir():
+        raise FileNotFoundError(
+            f"{path} is not a dataset folder written by scripts/generate.py (no README.md and data/ inside)"
+        )
+
+
+def load_counterfactual_dataset(path: str | os.PathLike):
+    """``datasets.load_dataset`` on a folder written by :class:`DatasetWriter`, with a clear error."""
+    from datasets import load_dataset
+
+    path = Path(path)
+    _check_folder(path)
+    return load_dataset(str(path))
+
+
+def load_rejected(path: str | os.PathLike):
+    """The ``rejected`` tables of a dataset folder as a ``DatasetDict``, empty splits included.
+
+    ``load_dataset(path, "rejected")`` gives the same rows whenever at least one input was rejected;
+    this function also works when none was (``datasets`` refuses to load a split with no rows).
+    """
+    from datasets import Dataset, DatasetDict
+
+    path = Path(path)
+    _check_folder(path)
+    features = rejected_features()
+    out = {}
+    files = sorted(
+        (path / "rejected").glob("*.parquet"), key=lambda f: (_split_rank(f.name.split("-")[0]), f.name)
+    )
+    for f in files:
+        split = f.name.split("-")[0]
+        table = pq.read_table(f).to_pydict()
+        out[split] = Dataset.from_dict({k: table.get(k, []) for k in features}, features=features)
+    return DatasetDict(out)
+
+
+def class_names_of(dataset) -> list[str]:
+    """Class names of a loaded dataset (any split)."""
+    split = next(iter(dataset.values())) if hasattr(dataset, "values") else dataset
+    return list(split.features["label"].names)
+
+
+def mask_area(mask: Image.Image | None) -> float:
+    """Share of foreground pixels of a stored mask (0 for None)."""
+    return 0.0 if mask is None else float((np.asarray(mask) > 127).mean())

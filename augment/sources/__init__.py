@@ -1,0 +1,18 @@
+"""Readers that yield :class:`~augment.sources.base.Sample` records."""
+
+from .base import RejectedInput, Sample, Source
+
+__all__ = ["RejectedInput", "Sample", "Source", "build_source"]
+
+
+def build_source(name: str, **kwargs) -> Source:
+    """Instantiate a source by its command-line name."""
+    if name == "synthetic":
+        from .synthetic import SyntheticBackgrounds
+
+        return SyntheticBackgrounds(**kwargs)
+    if name == "folder":
+        from .folder import ImageFolderSource
+
+        return ImageFolderSource(**kwargs)
+    raise ValueError(f"unknown source {name!r}; choose one of: synthetic, folder")

@@ -1,0 +1,646 @@
+"""The Accelerate trainer: ERM, augmentation, CLAD and CLAD+.
+
+Run it with ``accelerate launch scripts/train.py --dataset DIR --method clad --output-dir DIR`` on one
+process or many (``--multi_gpu --num_processes N``; on CPUs too). Methods, with x an original, x+ its
+positive and x- negatives sharing x's background:
+
+=========  ===========================================================================
+erm        CE(x)
+augment    CE over x and x+ (training on background-swapped images, the "mixed-rand" baseline)
+clad       CE(x) + lambda * InfoNCE(x, x+, x-)
+clad+      CE(x) + CE(x+) + lambda * InfoNCE(x, x+, x-)
+=========  ===========================================================================
+
+The negatives of an anchor of class y are the ``--queue-size`` entries of key y of the negative
+dictionary (:mod:`debias.negatives`) plus its stored ``kind=negative`` rows (in-batch). Anchors and
+positives go through the model in one forward pass; stored negatives, whose features the loss treats
+as constants as it does the dictionary's, in a second one without gradients.
+
+Every epoch the model is evaluated on the validation split's original, mixed_same and mixed_rand
+variants, and the epoch with the best ``--selection-metric`` (CLAD's choice: validation mixed_rand)
+is the one saved with ``save_pretrained``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from .losses import clad_infonce
+from .negatives import NegativeDictionary
+
+METHODS = ("erm", "augment", "clad", "clad+")
+
+
+# ----------------------------------------------------------------------------------------------
+# Arguments
+# ----------------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="train.py",
+        description=(
+            "Train an image classifier on a counterfactual dataset with ERM, background-swap augmentation, "
+            "CLAD or CLAD+ under Hugging Face Accelerate. Defaults follow the CLAD paper (lambda 1, 32 negatives, batch 64, "
+            "Adam 1e-3 divided by 10 at epoch 20, 60 epochs) except where docs/BENCHMARKS.md measured better on the "
+            "built-in benchmark: tau 0.1 (paper 0.2), crops of 70-100%% of the image, positives cropped like their anchors."
+        ),
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    p.add_argument("--dataset", required=True, help="dataset folder written by scripts/generate.py")
+    p.add_argument("--method", choices=METHODS, default="clad", help="training objective")
+    p.add_argument("--output-dir", required=True, help="where checkpoints, logs and the final model go")
+    p.add_argument(
+        "--backbone",
+        default="small-resnet",
+        help="'small-resnet' (from scratch, sized for 64 px) or a transformers image-classification model id or folder, e.g. microsoft/resnet-50",
+    )
+    p.add_argument(
+        "--resolution",
+        type=int,
+        help="training side in pixels (default: the dataset's image size for small-resnet, the model's own otherwise)",
+    )
+    p.add_argument("--widths", type=int, nargs=4, help="small-resnet stage widths (default 16 32 64 128)")
+    p.add_argument("--epochs", type=int, default=60)
+    p.add_argument(
+        "--max-train-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)"
+    )
+    p.add_argument("--batch-size", type=int, default=64, help="anchors per process per step")
+    p.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate")
+    p.add_argument("--weight-decay", type=float, default=0.0)
+    p.add_argument(
+        "--lr-decay-epochs",
+        type=int,
+        nargs="*",
+        default=[20],
+        help="epochs at which the learning rate is multiplied by --lr-decay",
+    )
+    p.add_argument("--lr-decay", type=float, default=0.1)
+    p.add_argument("--gradient-accumulation-steps", type=int, default=1)
+    p.add_argument(
+        "--temperature", type=float, default=0.1, help="InfoNCE temperature tau (the CLAD paper: 0.2)"
+    )
+    p.add_argument("--lambda-con", type=float, default=1.0, help="weight lambda of the contrastive term")
+    p.add_argument(
+        "--queue-size",
+        type=int,
+        default=32,
+        help="entries per key of the negative dictionary (= dictionary negatives per anchor)",
+    )
+    p.add_argument(
+        "--max-stored-negatives",
+        type=int,
+        default=1,
+        help="stored kind=negative rows used per anchor and step, drawn per epoch (0: the dictionary only, as the CLAD paper)",
+    )
+    p.add_argument(
+        "--crop-scale", type=float, nargs=2, default=[0.7, 1.0], help="random resized crop area range"
+    )
+    p.add_argument(
+        "--paired-crops",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="give each positive its anchor's crop and flip, so that the pair differs only in background (colour jitter stays independent)",
+    )
+    p.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="channels-last memory format (faster convolutions)",
+    )
+    p.add_argument(
+        "--color-jitter", type=float, default=0.4, help="brightness/contrast/saturation jitter strength"
+    )
+    p.add_argument(
+        "--selection-metric",
+        choices=["mixed_rand", "original", "last"],
+        default="mixed_rand",
+        help="validation metric that picks the saved epoch",
+    )
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--num-workers",
+        type=int,
+        default=0,
+        help="DataLoader workers (images are cached in memory, so 0 is usually fastest)",
+    )
+    p.add_argument(
+        "--cache-gb",
+        type=float,
+        default=4.0,
+        help="decode the training images once into memory when they fit in this many GiB",
+    )
+    p.add_argument("--val-limit", type=int, help="use at most N validation originals for model selection")
+    p.add_argument(
+        "--checkpointing-steps", type=int, default=500, help="save_state every N steps (0: only at the end)"
+    )
+    p.add_argument(
+        "--checkpoints-total-limit", type=int, default=2, help="keep at most this many checkpoint folders"
+    )
+    p.add_argument("--resume-from-checkpoint", help="'latest' or a checkpoint folder to resume from")
+    p.add_argument(
+        "--mixed-precision", choices=["no", "fp16", "bf16"], help="default: from the accelerate config"
+    )
+    p.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+    p.add_argument("--no-progress", dest="progress", action="store_false")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    args = build_parser().parse_args(argv)
+    if args.batch_size < 2:
+        raise SystemExit("train.py: error: --batch-size must be at least 2")
+    if args.temperature <= 0:
+        raise SystemExit("train.py: error: --temperature must be > 0")
+    return args
+
+
+# ----------------------------------------------------------------------------------------------
+# The objective
+# ----------------------------------------------------------------------------------------------
+
+
+class Objective(torch.nn.Module):
+    """One training step's loss for a method. ``model(x) -> (logits, features)``.
+
+    ``forward(model, batch)`` returns ``(loss, parts)`` where ``parts`` holds the detached terms and,
+    for CLAD, the positives' features and keys to push into the dictionary after the step.
+    """
+
+    def __init__(self, method: str, augment, num_classes: int, feature_dim: int, args: argparse.Namespace):
+        super().__init__()
+        if method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+        self.method = method
+        self.augment = augment
+        self.temperature = args.temperature
+        self.lambda_con = args.lambda_con
+        self.contrastive = method in ("clad", "clad+")
+        self.paired = getattr(args, "paired_crops", False) and self.contrastive
+        self.memory_format = (
+            torch.channels_last if getattr(args, "channels_last", False) else torch.contiguous_format
+        )
+        self.dictionary = (
+            NegativeDictionary(num_classes, args.queue_size, feature_dim) if self.contrastive else None
+        )
+
+    def forward(
+        self, model, batch: dict[str, torch.Tensor], gather=None, plain_model=None
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        """``plain_model``: the same network without its DDP wrapper, for the gradient-free pass over the
+        stored negatives (how many a batch has differs between processes, and a DDP forward may
+        synchronise buffers, so that pass must not go through DDP)."""
+        y = batch["label"]
+        b = y.shape[0]
+        crops = self.augment.geometry(b, y.device) if self.paired else None
+        x = self.augment(batch["anchor"], crops)
+        if self.method == "erm":
+            logits, _ = model(x.contiguous(memory_format=self.memory_format))
+            ce = F.cross_entropy(logits, y)
+            return ce, {"ce": ce.detach()}
+        has_pos = batch["has_positive"]
+        neg_feats = None
+        if self.contrastive and "negatives" in batch and batch["negative_valid"].any():
+            valid = batch["negative_valid"]
+            with torch.no_grad():
+                # constants in the loss, like the dictionary's entries: cropped like their anchor, no jitter
+                neg_crops = (
+                    crops[:, None].expand(-1, valid.shape[1], -1)[valid] if crops is not None else None
+                )
+                xn = self.augment(batch["negatives"][valid], neg_crops, jitter=False).contiguous(
+                    memory_format=self.memory_format
+                )
+                _, f = (plain_model or model)(xn)
+            neg_feats = torch.zeros(*valid.shape, f.shape[-1], device=f.device, dtype=f.dtype)
+            neg_feats[valid] = f
+        xp = self.augment(batch["positive"], crops)
+        logits, feats = model(torch.cat([x, xp]).contiguous(memory_format=self.memory_format))
+        la, lp = logits[:b], logits[b:]
+        ce = F.cross_entropy(la, y)
+        w = has_pos.float()
+        ce_pos = (F.cross_entropy(lp, y, reduction="none") * w).sum() / w.sum().clamp_min(1.0)
+        parts: dict[str, Any] = {"ce": ce.detach()}
+        if self.method == "augment":
+            n = b + w.sum()
+            loss = (ce * b + ce_pos * w.sum()) / n
+            parts["ce_pos"] = ce_pos.detach()
+            return loss, parts
+        z, zp = feats[:b], feats[b:]
+        d = self.dictionary
+        if int(d.count.min()) == 0:
+            zs, ys = (gather(z.detach()), gather(y)) if gather else (z.detach(), y)
+            d.fill_empty_from(zs, ys)
+        dict_feats, dict_valid = d.lookup(y)
+        if neg_feats is not None:
+            z_neg = torch.cat([dict_feats.to(z.dtype), neg_feats], dim=1)
+            mask = torch.cat([dict_valid, batch["negative_valid"]], dim=1)
+        else:
+            z_neg, mask = dict_feats.to(z.dtype), dict_valid
+        con = clad_infonce(z, zp, z_neg, self.temperature, neg_mask=mask, weight=w)
+        loss = ce + self.lambda_con * con
+        if self.method == "clad+":
+            loss = loss + ce_pos
+            parts["ce_pos"] = ce_pos.detach()
+        parts["con"] = con.detach()
+        parts["push"] = (zp.detach()[has_pos], batch["positive_bg"][has_pos])
+        return loss, parts
+
+    @torch.no_grad()
+    def after_step(self, parts: dict[str, Any], gather=None) -> None:
+        """Push this step's positives into the dictionary (gathered over processes first)."""
+        if self.dictionary is None or "push" not in parts:
+            return
+        feats, keys = parts["push"]
+        if gather is not None:
+            feats, keys = gather(feats), gather(keys)
+        self.dictionary.push(feats, keys)
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpointed progress
+# ----------------------------------------------------------------------------------------------
+
+
+class TrainProgress:
+    """Counters and model-selection state, saved with every checkpoint."""
+
+    def __init__(self):
+        self.global_step = 0
+        self.best_metric = -math.inf
+        self.best_epoch = -1
+        self.history: list[dict[str, Any]] = []
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "global_step": self.global_step,
+            "best_metric": self.best_metric,
+            "best_epoch": self.best_epoch,
+            "history": json.dumps(self.history),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.global_step = int(state["global_step"])
+        self.best_metric = float(state["best_metric"])
+        self.best_epoch = int(state["best_epoch"])
+        self.history = json.loads(state["history"])
+
+
+# ----------------------------------------------------------------------------------------------
+# Data
+# ----------------------------------------------------------------------------------------------
+
+
+def get_dataloaders(args: argparse.Namespace, dataset, resolution: int):
+    """The training DataLoader and its dataset, and the validation variants (or None)."""
+    from .data import CounterfactualTrainSet
+    from .evaluate import EvalSet, build_variants
+
+    if "train" not in dataset:
+        raise ValueError(f"{args.dataset} has no train split (it has {list(dataset)})")
+    train_set = CounterfactualTrainSet(
+        dataset["train"],
+        resolution,
+        seed=args.seed,
+        max_negatives=args.max_stored_negatives,
+        need_positives=args.method != "erm",
+        need_negatives=args.method in ("clad", "clad+"),
+        cache_gb=args.cache_gb,
+    )
+    if args.method != "erm":
+        with_pos = sum(1 for k in range(len(train_set)) if train_set.index.positives[k])
+        if with_pos + train_set.on_the_fly == 0:
+            raise ValueError(
+                f"--method {args.method} needs positives, but {args.dataset} has no kind=positive rows and no masks to "
+                "composite them from; generate the dataset with masks or use --method erm"
+            )
+    loader = torch.utils.data.DataLoader(
+        train_set,
+        batch_size=args.batch_size,
+        shuffle=True,
+        drop_last=len(train_set) >= args.batch_size,
+        num_workers=args.num_workers,
+        generator=torch.Generator().manual_seed(args.seed),
+    )
+    val = None
+    if "validation" in dataset:
+        from .evaluate import load_eval_set
+
+        data: EvalSet = load_eval_set(args.dataset, "validation", args.val_limit)
+        val = build_variants(data, seed=args.seed, variants=("original", "mixed_same", "mixed_rand"))
+    return loader, train_set, val
+
+
+@torch.no_grad()
+def validate(accelerator, model, augment, val, resolution: int, batch_size: int = 256) -> dict[str, float]:
+    """Accuracy (percent) on each validation variant, sharded over processes."""
+    names = list(val)
+    imgs = torch.cat([torch.as_tensor(val[n].images).permute(0, 3, 1, 2) for n in names])
+    labels = torch.cat([torch.as_tensor(val[n].labels) for n in names])
+    vid = torch.cat([torch.full((len(val[n].labels),), i) for i, n in enumerate(names)])
+    loader = accelerator.prepare_data_loader(
+        torch.utils.data.DataLoader(torch.utils.data.TensorDataset(imgs, labels, vid), batch_size=batch_size),
+        device_placement=True,
+    )
+    model.eval()
+    correct = torch.zeros(len(names))
+    total = torch.zeros(len(names))
+    for x, y, v in loader:
+        if x.shape[-1] != resolution:
+            x = (
+                F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", antialias=True)
+                .round()
+                .clamp(0, 255)
+                .to(torch.uint8)
+            )
+        logits, _ = model(augment.normalize(x))
+        pred, y, v = accelerator.gather_for_metrics((logits.argmax(-1), y, v))
+        ok = (pred == y).float().cpu()
+        correct.index_add_(0, v.cpu(), ok)
+        total.index_add_(0, v.cpu(), torch.ones_like(ok))
+    model.train()
+    return {n: float(100 * correct[i] / total[i].clamp_min(1)) for i, n in enumerate(names)}
+
+
+# ----------------------------------------------------------------------------------------------
+# Checkpoints
+# ----------------------------------------------------------------------------------------------
+
+
+def _checkpoints(output_dir: str) -> list[Path]:
+    found = [
+        p
+        for p in Path(output_dir).glob("checkpoint-*")
+        if p.is_dir() and re.fullmatch(r"checkpoint-\d+", p.name)
+    ]
+    return sorted(found, key=lambda p: int(p.name.split("-")[1]))
+
+
+def resolve_checkpoint(output_dir: str, value: str | None) -> Path | None:
+    if not value:
+        return None
+    if value == "latest":
+        found = _checkpoints(output_dir)
+        return found[-1] if found else None
+    path = Path(value)
+    if not path.is_dir():
+        raise FileNotFoundError(f"--resume-from-checkpoint {value}: no such checkpoint folder")
+    return path
+
+
+def save_checkpoint(accelerator, args, progress: TrainProgress, best_state: dict | None) -> None:
+    path = Path(args.output_dir) / f"checkpoint-{progress.global_step}"
+    accelerator.save_state(str(path))
+    if accelerator.is_main_process:
+        if best_state is not None:
+            from safetensors.torch import save_file
+
+            save_file(best_state, str(path / "best_model.safetensors"))
+        old = _checkpoints(args.output_dir)
+        for stale in old[: max(0, len(old) - args.checkpoints_total_limit)]:
+            shutil.rmtree(stale, ignore_errors=True)
+    accelerator.wait_for_everyone()
+
+
+# ----------------------------------------------------------------------------------------------
+# Main
+# ----------------------------------------------------------------------------------------------
+
+
+def _lr_factor(step: int, steps_per_epoch: int, decay_epochs: list[int], gamma: float) -> float:
+    epoch = step // max(steps_per_epoch, 1)
+    return gamma ** sum(1 for e in decay_epochs if epoch >= e)
+
+
+def _model_card(args: argparse.Namespace, class_names: list[str], summary: dict[str, Any]) -> str:
+    val = summary.get("best_validation") or {}
+    lines = [
+        "---",
+        "library_name: transformers",
+        "pipeline_tag: image-classification",
+        "tags: [background-bias, clad, counterfactual-augmentation]",
+        "---",
+        "",
+        f"# {args.method} classifier",
+        "",
+        f"Trained with `scripts/train.py --method {args.method}` on `{args.dataset}` "
+        f"({len(class_names)} classes: {', '.join(class_names)}).",
+        "",
+        f"- backbone: `{args.backbone}`, resolution {summary['resolution']} px",
+        f"- epochs run: {summary['epochs_run']}, optimizer steps: {summary['steps']}, batch {args.batch_size} per process x {summary['num_processes']} processes",
+        f"- selected epoch: {summary['best_epoch']} by validation `{args.selection_metric}`",
+    ]
+    if args.method in ("clad", "clad+"):
+        lines.append(
+            f"- InfoNCE: tau {args.temperature}, lambda {args.lambda_con}, {args.queue_size} dictionary negatives + up to {args.max_stored_negatives} stored"
+        )
+    if val:
+        lines += [
+            "",
+            "Validation accuracy of the saved epoch (percent): "
+            + ", ".join(f"{k} {v:.1f}" for k, v in val.items()),
+        ]
+    lines += [
+        "",
+        "Load it with `transformers.AutoModelForImageClassification.from_pretrained(path)` after `import debias.models`",
+        "(which registers the small ResNet); inputs are normalised as in `preprocessor_config.json`.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    """Train; returns a summary (steps, best epoch, validation metrics, time)."""
+    from accelerate import Accelerator
+    from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+
+    from augment.dataset import load_counterfactual_dataset
+
+    from .data import BatchAugment
+    from .models import SMALL_RESNET, ClassifierWithFeatures, build_model, save_preprocessing
+
+    has_accelerator = torch.cuda.is_available() or (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    )
+    accelerator = Accelerator(
+        cpu=args.cpu or not has_accelerator,
+        mixed_precision=args.mixed_precision,
+        gradient_accumulation_steps=args.gradient_accumulation_steps,
+        project_config=ProjectConfiguration(project_dir=args.output_dir),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+    )
+    set_seed(args.seed)
+    t_start = time.perf_counter()
+    out = Path(args.output_dir)
+    if accelerator.is_main_process:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "training_args.json").write_text(json.dumps(vars(args), indent=2))
+    dataset = load_counterfactual_dataset(args.dataset)
+    class_names = list(dataset["train"].features["label"].names)
+    resolution = args.resolution
+    if resolution is None and args.backbone == SMALL_RESNET:
+        resolution = dataset["train"][0]["image"].size[0]
+    model, pre = build_model(
+        args.backbone, class_names, resolution, tuple(args.widths) if args.widths else None
+    )
+    resolution = pre.resolution
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    wrapped = ClassifierWithFeatures(model)
+    loader, train_set, val = get_dataloaders(args, dataset, resolution)
+    train_set.warm()
+    augment = BatchAugment(pre.mean, pre.std, scale=tuple(args.crop_scale), jitter=args.color_jitter)
+    objective = Objective(args.method, augment, len(class_names), wrapped.feature_dim, args)
+    optimizer = torch.optim.Adam(wrapped.parameters(), lr=args.lr, weight_decay=args.weight_decay)
+    wrapped, optimizer, loader = accelerator.prepare(wrapped, optimizer, loader)
+    objective.to(accelerator.device)
+    steps_per_epoch = math.ceil(len(loader) / args.gradient_accumulation_steps)
+    max_steps = args.max_train_steps or args.epochs * steps_per_epoch
+    epochs = math.ceil(max_steps / steps_per_epoch)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: _lr_factor(s, steps_per_epoch, args.lr_decay_epochs, args.lr_decay)
+    )
+    progress = TrainProgress()
+    accelerator.register_for_checkpointing(scheduler, progress)
+    if objective.dictionary is not None:
+        accelerator.register_for_checkpointing(objective.dictionary)
+    best_state: dict[str, torch.Tensor] | None = None
+    resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
+    if args.resume_from_checkpoint and resume is None:
+        accelerator.print(f"no checkpoint found in {args.output_dir}; starting from scratch")
+    if resume is not None:
+        accelerator.print(f"resuming from {resume}")
+        accelerator.load_state(str(resume))
+        best_file = resume / "best_model.safetensors"
+        if best_file.is_file():
+            from safetensors.torch import load_file
+
+            best_state = load_file(str(best_file))
+    start_epoch, skip = divmod(progress.global_step * args.gradient_accumulation_steps, len(loader))
+    gather = accelerator.gather if accelerator.num_processes > 1 else None
+    plain = accelerator.unwrap_model(wrapped)
+    log_path = out / "log.jsonl"
+    bar = tqdm(
+        total=max_steps,
+        initial=progress.global_step,
+        desc=f"train {args.method}",
+        disable=not (args.progress and accelerator.is_local_main_process),
+    )
+    wrapped.train()
+    done = progress.global_step >= max_steps
+    # decided from the step counter, never from the file system: processes must agree on every collective
+    last_saved = progress.global_step if resume is not None else -1
+    for epoch in range(start_epoch, epochs):
+        if done:
+            break
+        train_set.set_epoch(epoch)
+        loader.set_epoch(epoch)
+        active = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
+        sums: dict[str, float] = {}
+        count = 0
+        t_epoch = time.perf_counter()
+        for batch in active:
+            with accelerator.accumulate(wrapped):
+                loss, parts = objective(wrapped, batch, gather, plain)
+                accelerator.backward(loss)
+                optimizer.step()
+                if accelerator.sync_gradients:
+                    scheduler.step()
+                optimizer.zero_grad()
+            objective.after_step(parts, gather)
+            for k, v in parts.items():
+                if k != "push":
+                    sums[k] = sums.get(k, 0.0) + float(v)
+            sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
+            count += 1
+            if accelerator.sync_gradients:
+                progress.global_step += 1
+                bar.update(1)
+                bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
+                if args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0:
+                    save_checkpoint(accelerator, args, progress, best_state)
+                    last_saved = progress.global_step
+                if progress.global_step >= max_steps:
+                    done = True
+                    break
+        entry: dict[str, Any] = {
+            "epoch": epoch,
+            "step": progress.global_step,
+            "lr": scheduler.get_last_lr()[0],
+            **{k: v / max(count, 1) for k, v in sums.items()},
+            "seconds": round(time.perf_counter() - t_epoch, 3),
+        }
+        if val is not None:
+            entry["validation"] = validate(accelerator, wrapped, augment, val, resolution)
+        metric = _selection_value(args.selection_metric, entry.get("validation"), epoch)
+        entry["selection"] = metric
+        if metric is not None and metric >= progress.best_metric:
+            progress.best_metric, progress.best_epoch = metric, epoch
+            state = accelerator.unwrap_model(wrapped).model.state_dict()
+            best_state = {k: v.detach().to("cpu", copy=True).contiguous() for k, v in state.items()}
+        entry["partial_epoch"] = done and progress.global_step % steps_per_epoch != 0
+        progress.history.append(entry)
+        if accelerator.is_main_process:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(entry) + "\n")
+        skip = 0
+    bar.close()
+    if last_saved != progress.global_step:  # the final state, so that a rerun can resume (or stop at once)
+        save_checkpoint(accelerator, args, progress, best_state)
+    accelerator.wait_for_everyone()
+    final = accelerator.unwrap_model(wrapped).model
+    if best_state is not None:
+        final.load_state_dict(best_state)
+    best_val = next(
+        (h.get("validation") for h in progress.history if h["epoch"] == progress.best_epoch), None
+    )
+    summary = {
+        "method": args.method,
+        "steps": progress.global_step,
+        "epochs_run": len({h["epoch"] for h in progress.history}),
+        "best_epoch": progress.best_epoch,
+        "best_validation": best_val,
+        "resolution": resolution,
+        "num_processes": accelerator.num_processes,
+        "seconds": round(time.perf_counter() - t_start, 2),
+    }
+    if accelerator.is_main_process:
+        final.save_pretrained(str(out), safe_serialization=True)
+        save_preprocessing(str(out), pre)
+        (out / "README.md").write_text(_model_card(args, class_names, summary))
+        (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+    return summary
+
+
+def _selection_value(metric: str, validation: dict[str, float] | None, epoch: int) -> float | None:
+    if metric == "last" or not validation:
+        return float(epoch)
+    if metric in validation:
+        return validation[metric]
+    return validation.get("original")
+
+
+def cli(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    try:
+        summary = main(args)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"train.py: error: {e}", file=sys.stderr)
+        return 2
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(json.dumps(summary, indent=2))
+    return 0
