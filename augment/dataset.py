@@ -25,7 +25,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
@@ -501,14 +500,3 @@ def load_rejected(path: str | os.PathLike):
         table = pq.read_table(f).to_pydict()
         out[split] = Dataset.from_dict({k: table.get(k, []) for k in features}, features=features)
     return DatasetDict(out)
-
-
-def class_names_of(dataset) -> list[str]:
-    """Class names of a loaded dataset (any split)."""
-    split = next(iter(dataset.values())) if hasattr(dataset, "values") else dataset
-    return list(split.features["label"].names)
-
-
-def mask_area(mask: Image.Image | None) -> float:
-    """Share of foreground pixels of a stored mask (0 for None)."""
-    return 0.0 if mask is None else float((np.asarray(mask) > 127).mean())

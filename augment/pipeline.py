@@ -96,30 +96,51 @@ def select_indices(labels: np.ndarray, limit: int | None) -> list[int]:
     return sorted(order[:limit].tolist())
 
 
+def scene_caption(obj: str, background: str | None) -> str:
+    """``a photo of a {obj} on {background}``, or ``a photo of a {obj}`` when the background has no name."""
+    return (
+        render(CAPTION_SCENE, object=obj, background=background)
+        if background
+        else render(CAPTION_LABEL, label=obj)
+    )
+
+
 def background_class(sample: Sample) -> int:
     """The class whose background ``sample`` carries: its ``bg_label`` when known, else its label."""
     return sample.bg_label if sample.bg_label >= 0 else sample.label
 
 
 class _SampleCache:
-    """A small LRU of decoded samples (backgrounds and objects are fetched repeatedly)."""
+    """An LRU of decoded samples (and refusals), bounded in bytes: partners are fetched repeatedly."""
 
-    def __init__(self, source: Source, split: str, capacity: int = 512):
-        self.source, self.split, self.capacity = source, split, capacity
-        self._items: OrderedDict[int, Sample | RejectedInput] = OrderedDict()
+    def __init__(self, source: Source, split: str, budget_mb: float = 1024.0):
+        self.source, self.split = source, split
+        self.budget = int(budget_mb * 2**20)
+        self.used = 0
+        self._items: OrderedDict[int, tuple[Sample | RejectedInput, int]] = OrderedDict()
+
+    @staticmethod
+    def _nbytes(item: Sample | RejectedInput) -> int:
+        if isinstance(item, RejectedInput):
+            return 256
+        w, h = item.image.size
+        return w * h * (4 if item.mask is not None else 3) + 512
 
     def get(self, index: int) -> Sample:
         if index in self._items:
             self._items.move_to_end(index)
-            item = self._items[index]
+            item = self._items[index][0]
         else:
             try:
                 item = self.source.load(self.split, index)
             except RejectedInput as e:
                 item = e
-            self._items[index] = item
-            if len(self._items) > self.capacity:
-                self._items.popitem(last=False)
+            size = self._nbytes(item)
+            self._items[index] = (item, size)
+            self.used += size
+            while self.used > self.budget and len(self._items) > 1:
+                _, (_, freed) = self._items.popitem(last=False)
+                self.used -= freed
         if isinstance(item, RejectedInput):
             raise item
         return item
@@ -158,9 +179,9 @@ class CounterfactualBuilder:
             return partner, ""
         return None, f"no usable partner with a mask among {len(tried)} tried ({role})"
 
-    def build(self, anchor: Sample) -> tuple[list[tuple[str, Row]], list[tuple[str, str, str]]]:
+    def build(self, anchor: Sample) -> tuple[list[Row], list[tuple[str, str, str]]]:
         """Rows derived from ``anchor`` and rejections ``(id, stage, reason)``."""
-        rows: list[tuple[str, Row]] = []
+        rows: list[Row] = []
         rejections: list[tuple[str, str, str]] = []
         where = anchor.path or anchor.id
         if anchor.mask is None:
@@ -188,30 +209,21 @@ class CounterfactualBuilder:
                 image=[anchor.image],
                 mask_image=[anchor.mask],
             )
-            bg_name = partner.meta.get("background")
-            caption = (
-                render(CAPTION_SCENE, object=obj_name, background=bg_name)
-                if bg_name
-                else render(CAPTION_LABEL, label=obj_name)
-            )
             rows.append(
-                (
-                    row_id,
-                    Row(
-                        id=row_id,
-                        image=out.images[0],
-                        mask=out.masks[0],
-                        label=anchor.label,
-                        bg_label=background_class(partner),
-                        kind="positive",
-                        source_id=anchor.id,
-                        caption=caption,
-                        recipe={
-                            **out.recipes[0],
-                            "background_source_id": partner.id,
-                            "seed": item_seed(self.config.seed, row_id),
-                        },
-                    ),
+                Row(
+                    id=row_id,
+                    image=out.images[0],
+                    mask=out.masks[0],
+                    label=anchor.label,
+                    bg_label=background_class(partner),
+                    kind="positive",
+                    source_id=anchor.id,
+                    caption=scene_caption(obj_name, partner.meta.get("background")),
+                    recipe={
+                        **out.recipes[0],
+                        "background_source_id": partner.id,
+                        "seed": item_seed(self.config.seed, row_id),
+                    },
                 )
             )
         for k, neg in enumerate(self.config.negatives):
@@ -235,31 +247,24 @@ class CounterfactualBuilder:
                 )
                 label, mask, extra = partner.label, out.masks[0], {"object_source_id": partner.id}
                 other = partner.meta.get("object", self.source.class_names[partner.label])
-                caption = (
-                    render(CAPTION_SCENE, object=other, background=bg_name)
-                    if bg_name
-                    else render(CAPTION_LABEL, label=other)
-                )
+                caption = scene_caption(other, bg_name)
             rows.append(
-                (
-                    row_id,
-                    Row(
-                        id=row_id,
-                        image=out.images[0],
-                        mask=mask,
-                        label=label,
-                        bg_label=background_class(anchor),
-                        kind="negative",
-                        source_id=anchor.id,
-                        caption=caption,
-                        recipe={
-                            **out.recipes[0],
-                            **extra,
-                            "negative": neg,
-                            "background_source_id": anchor.id,
-                            "seed": item_seed(self.config.seed, row_id),
-                        },
-                    ),
+                Row(
+                    id=row_id,
+                    image=out.images[0],
+                    mask=mask,
+                    label=label,
+                    bg_label=background_class(anchor),
+                    kind="negative",
+                    source_id=anchor.id,
+                    caption=caption,
+                    recipe={
+                        **out.recipes[0],
+                        **extra,
+                        "negative": neg,
+                        "background_source_id": anchor.id,
+                        "seed": item_seed(self.config.seed, row_id),
+                    },
                 )
             )
         return rows, rejections
@@ -317,7 +322,7 @@ def run(config: GenerateConfig) -> dict[str, Any]:
             if builder is None:
                 continue
             rows, rejections = builder.build(sample)
-            for _, row in rows:
+            for row in rows:
                 writer.add(split, row)
             for rid, stage, reason in rejections:
                 writer.reject(rid, split, stage, reason)

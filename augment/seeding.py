@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import torch
 
 
 def item_seed(seed: int, key: str) -> int:
@@ -22,8 +21,3 @@ def item_seed(seed: int, key: str) -> int:
 def item_rng(seed: int, key: str) -> np.random.Generator:
     """A numpy generator private to ``key`` under run seed ``seed``."""
     return np.random.default_rng(item_seed(seed, key))
-
-
-def item_generator(seed: int, key: str, device: str | torch.device = "cpu") -> torch.Generator:
-    """A torch generator private to ``key`` under run seed ``seed`` (for diffusers pipelines)."""
-    return torch.Generator(device=device).manual_seed(item_seed(seed, key))

@@ -50,6 +50,16 @@ def to_uint8_tensor(image: Image.Image | np.ndarray, resolution: int | None) -> 
     return torch.from_numpy(np.array(image.convert("RGB"), dtype=np.uint8)).permute(2, 0, 1).contiguous()
 
 
+def resize_uint8(x: torch.Tensor, resolution: int) -> torch.Tensor:
+    """Resize a uint8 batch (B, 3, H, W) to (resolution, resolution), antialiased, staying uint8."""
+    if x.shape[-2:] == (resolution, resolution):
+        return x
+    y = F.interpolate(
+        x.float(), size=(resolution, resolution), mode="bilinear", antialias=True, align_corners=False
+    )
+    return y.round_().clamp_(0, 255).to(torch.uint8)
+
+
 class ImageStore:
     """Rows of a ``datasets.Dataset`` as uint8 tensors at one resolution, decoded once if they fit."""
 

@@ -212,7 +212,7 @@ def predict(
     model, images: np.ndarray | torch.Tensor, preprocessing, device, batch_size: int = 256
 ) -> np.ndarray:
     """Predicted classes of uint8 images (N, H, W, 3) or (N, 3, H, W) tensors."""
-    from .data import BatchAugment
+    from .data import BatchAugment, resize_uint8
 
     norm = BatchAugment(preprocessing.mean, preprocessing.std).to(device)
     res = preprocessing.resolution
@@ -221,12 +221,7 @@ def predict(
         x = torch.as_tensor(chunk)
         if x.shape[-1] == 3:
             x = x.permute(0, 3, 1, 2)
-        x = x.to(device)
-        if x.shape[-1] != res or x.shape[-2] != res:
-            x = torch.nn.functional.interpolate(
-                x.float(), size=(res, res), mode="bilinear", antialias=True, align_corners=False
-            )
-            x = x.round().clamp(0, 255).to(torch.uint8)
+        x = resize_uint8(x.to(device), res)
         logits = model(pixel_values=norm.normalize(x)).logits
         preds[s : s + len(chunk)] = logits.argmax(-1).cpu().numpy()
     return preds
@@ -242,12 +237,16 @@ def challenge_accuracy(
     seed: int = 0,
     batch_size: int = 512,
     progress: bool = False,
+    only_bg_t: Variant | None = None,
 ) -> tuple[float, int]:
     """Share (percent) of foregrounds that no only_bg_t background of the pool can flip, and the pool size.
 
     The pool holds every usable test image's only_bg_t, or ``pool_per_class`` of each class
-    (chosen with ``seed``) when given, to bound the N x M forward passes.
+    (chosen with ``seed``) when given, to bound the N x M forward passes. ``only_bg_t``: the variant
+    already built by :func:`build_variants`, reused instead of tiling the backgrounds again.
     """
+    from .data import BatchAugment, resize_uint8
+
     if data.masks is None:
         raise ValueError("challenge accuracy needs foreground masks")
     n = len(data.labels)
@@ -262,13 +261,14 @@ def challenge_accuracy(
         )
     else:
         pool = usable
-    from .data import BatchAugment
-
     norm = BatchAugment(preprocessing.mean, preprocessing.std).to(device)
     res = preprocessing.resolution
-    backgrounds = torch.as_tensor(
-        np.stack([tile_fill(data.images[j], data.masks[j], pad=0) for j in pool])
-    ).permute(0, 3, 1, 2)
+    if only_bg_t is not None:
+        position = {int(i): k for k, i in enumerate(only_bg_t.source)}
+        tiled = [only_bg_t.images[position[int(j)]] for j in pool]
+    else:
+        tiled = [tile_fill(data.images[j], data.masks[j], pad=0) for j in pool]
+    backgrounds = torch.as_tensor(np.stack(tiled)).permute(0, 3, 1, 2)
     fgs = torch.as_tensor(data.images[usable]).permute(0, 3, 1, 2)
     fmask = torch.as_tensor(data.masks[usable])[:, None]
     labels = torch.as_tensor(data.labels[usable])
@@ -281,16 +281,7 @@ def challenge_accuracy(
         for b0 in range(0, m, batch_size):
             bg = bg_dev[b0 : b0 + batch_size]
             mixed = torch.where(fm[:, None], f[:, None], bg[None])  # (F, M', 3, H, W)
-            x = mixed.reshape(-1, *mixed.shape[2:])
-            if x.shape[-1] != res:
-                x = (
-                    torch.nn.functional.interpolate(
-                        x.float(), size=(res, res), mode="bilinear", antialias=True
-                    )
-                    .round()
-                    .clamp(0, 255)
-                    .to(torch.uint8)
-                )
+            x = resize_uint8(mixed.reshape(-1, *mixed.shape[2:]), res)
             pred = model(pixel_values=norm.normalize(x)).logits.argmax(-1).view(len(f), -1).cpu()
             robust[s : s + per_fg] &= (pred == labels[s : s + per_fg, None]).all(dim=1)
     return float(robust.float().mean() * 100), int(m)
@@ -350,7 +341,14 @@ def evaluate_model(
     report["worst_group_accuracy"] = groups.pop("worst_group_accuracy")
     if data.masks is not None:
         report["challenge_accuracy"], pool = challenge_accuracy(
-            model, data, preprocessing, device, challenge_pool_per_class, seed, progress=progress
+            model,
+            data,
+            preprocessing,
+            device,
+            challenge_pool_per_class,
+            seed,
+            progress=progress,
+            only_bg_t=variants.get("only_bg_t"),
         )
     else:
         report["challenge_accuracy"], pool = None, 0

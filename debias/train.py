@@ -346,6 +346,8 @@ def get_dataloaders(args: argparse.Namespace, dataset, resolution: int):
 @torch.no_grad()
 def validate(accelerator, model, augment, val, resolution: int, batch_size: int = 256) -> dict[str, float]:
     """Accuracy (percent) on each validation variant, sharded over processes."""
+    from .data import resize_uint8
+
     names = list(val)
     imgs = torch.cat([torch.as_tensor(val[n].images).permute(0, 3, 1, 2) for n in names])
     labels = torch.cat([torch.as_tensor(val[n].labels) for n in names])
@@ -358,14 +360,7 @@ def validate(accelerator, model, augment, val, resolution: int, batch_size: int 
     correct = torch.zeros(len(names))
     total = torch.zeros(len(names))
     for x, y, v in loader:
-        if x.shape[-1] != resolution:
-            x = (
-                F.interpolate(x.float(), size=(resolution, resolution), mode="bilinear", antialias=True)
-                .round()
-                .clamp(0, 255)
-                .to(torch.uint8)
-            )
-        logits, _ = model(augment.normalize(x))
+        logits, _ = model(augment.normalize(resize_uint8(x, resolution)))
         pred, y, v = accelerator.gather_for_metrics((logits.argmax(-1), y, v))
         ok = (pred == y).float().cpu()
         correct.index_add_(0, v.cpu(), ok)

@@ -31,3 +31,22 @@ def test_help_explains(script):
     proc = run_script(python_script(script, "--help"))
     assert "usage:" in proc.stdout and len(proc.stdout) > 800
     assert "(default:" in proc.stdout
+
+
+def test_target_checks():
+    from debias.demo import check_targets
+
+    def rep(original, same, rand):
+        return {
+            "accuracy": {"original": original, "mixed_same": same, "mixed_rand": rand},
+            "bg_gap": same - rand,
+        }
+
+    checks = check_targets(
+        {"erm": rep(95.0, 95.0, 10.0), "clad": rep(99.0, 96.0, 93.0), "clad+": rep(97.0, 97.0, 90.0)}
+    )
+    assert [c["ok"] for c in checks] == [True, True, True, False]  # clad+ gap 7 > 5
+    assert checks[0]["value"] == 83.0 and checks[2]["value"] == 4.0  # better than ERM on originals is fine
+    checks = check_targets({"erm": rep(95.0, 95.0, 10.0), "clad": rep(91.0, 90.0, 20.0)})
+    assert [c["ok"] for c in checks] == [False, False, False]
+    assert check_targets({"clad": rep(1, 1, 1)}) == []
