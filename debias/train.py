@@ -54,9 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="train.py",
         description=(
             "Train an image classifier on a counterfactual dataset with ERM, background-swap augmentation, "
-            "CLAD or CLAD+ under Hugging Face Accelerate. Defaults follow the CLAD paper (lambda 1, 32 negatives, batch 64, "
-            "Adam 1e-3 divided by 10 at epoch 20, 60 epochs) except where docs/BENCHMARKS.md measured better on the "
-            "built-in benchmark: tau 0.1 (paper 0.2), crops of 70-100%% of the image, positives cropped like their anchors."
+            "CLAD or CLAD+ under Hugging Face Accelerate. Defaults follow the CLAD paper (lambda 1, tau 0.2, 32 negatives, "
+            "batch 64, Adam 1e-3 divided by 10 at epoch 20, 60 epochs) except where docs/BENCHMARKS.md measured better on "
+            "the built-in benchmark: crops of 70-100%% of the image, positives cropped like their anchors."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -91,9 +91,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-decay", type=float, default=0.1)
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument(
-        "--temperature", type=float, default=0.1, help="InfoNCE temperature tau (the CLAD paper: 0.2)"
+        "--temperature", type=float, default=0.2, help="InfoNCE temperature tau (the CLAD paper's 0.2)"
     )
-    p.add_argument("--lambda-con", type=float, default=1.0, help="weight lambda of the contrastive term")
+    p.add_argument(
+        "--lambda-con",
+        type=float,
+        default=1.0,
+        help="weight lambda of the contrastive term (the CLAD paper's 1, with a pretrained backbone; the demo trains from scratch with 5)",
+    )
     p.add_argument(
         "--queue-size",
         type=int,
