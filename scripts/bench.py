@@ -12,7 +12,10 @@
     ``train_step_ratio_clad_over_erm``. The negative dictionary's push and lookup are timed the same way;
     ``negative_dictionary_share`` is their median over the median CLAD step.
 
-With ``--write-docs`` the tables replace the generated section of docs/BENCHMARKS.md.
+(c) With ``--ablation``: CLAD trained with one setting changed at a time (the evidence for the defaults).
+
+``--skip-demo`` / ``--skip-steps`` leave a section out; with ``--reuse FILE`` a section left out is
+taken from an earlier result instead. With ``--write-docs`` the tables replace the generated section of docs/BENCHMARKS.md.
 """
 
 from __future__ import annotations
@@ -84,7 +87,7 @@ def step_costs(
             "negative_valid": torch.ones(b, s, dtype=torch.bool),
         }
     args = Namespace(
-        temperature=0.1, lambda_con=1.0, queue_size=32, paired_crops=True, channels_last=channels_last
+        temperature=0.2, lambda_con=5.0, queue_size=32, paired_crops=True, channels_last=channels_last
     )
     objectives = {
         k: Objective("erm" if k == "erm" else "clad", aug, 9, net.feature_dim, args) for k in batches
@@ -131,6 +134,77 @@ def step_costs(
     return out
 
 
+def median_of_runs(runs: int, **kwargs) -> dict:
+    """:func:`step_costs` ``runs`` times; step times and ratios are the medians over runs, each run kept."""
+    results = [step_costs(**kwargs) for _ in range(runs)]
+    out = {k: v for k, v in results[0].items() if not isinstance(v, dict)}
+    out["runs"] = runs
+    out["step_ms"] = {k: statistics.median(r["step_ms"][k] for r in results) for k in results[0]["step_ms"]}
+    for kind in ("clad_core", "clad_1neg", "clad_2neg"):
+        ratios = [r[kind]["train_step_ratio_clad_over_erm"] for r in results]
+        shares = [r[kind]["negative_dictionary_share"] for r in results]
+        out[kind] = {
+            "train_step_ratio_clad_over_erm": statistics.median(ratios),
+            "negative_dictionary_share": statistics.median(shares),
+            "ratio_per_run": ratios,
+        }
+    return out
+
+
+# CLAD trained on the seed-0 demo dataset with one setting changed from the demo's (12 epochs, lr 3e-3,
+# lambda 5, tau 0.2, paired crops of 70-100%, one stored negative per anchor)
+DEMO_CLAD = ["--epochs", "12", "--lr", "3e-3", "--lambda-con", "5", "--temperature", "0.2", "--lr-decay-epochs"]  # fmt: skip
+ABLATIONS: dict[str, list[str]] = {
+    "the demo's settings": [],
+    "lambda 1 (the paper's)": ["--lambda-con", "1"],
+    "lambda 3": ["--lambda-con", "3"],
+    "tau 0.1": ["--temperature", "0.1"],
+    "independent crops for the positive": ["--no-paired-crops"],
+    "no stored negatives (the paper's)": ["--max-stored-negatives", "0"],
+    "2 stored negatives per anchor": ["--max-stored-negatives", "2"],
+    "lr 1e-3 (the paper's)": ["--lr", "1e-3"],
+    "the paper's recipe (independent 35-100% crops, lambda 1, no stored negatives, lr 1e-3)": [
+        "--no-paired-crops", "--crop-scale", "0.35", "1.0", "--lambda-con", "1", "--max-stored-negatives", "0", "--lr", "1e-3",
+    ],
+}  # fmt: skip
+
+
+def run_ablation(dataset: Path, out_root: Path) -> dict:
+    """Train CLAD once per :data:`ABLATIONS` entry on ``dataset`` and evaluate it on the test split."""
+    from debias.evaluate import evaluate_model, load_eval_set
+    from debias.models import load_classifier
+
+    data = load_eval_set(str(dataset), "test")
+    results = {}
+    for i, (name, extra) in enumerate(ABLATIONS.items()):
+        out = out_root / f"ablation-{i}"
+        cmd = [
+            sys.executable, str(ROOT / "scripts" / "train.py"), "--dataset", str(dataset), "--method", "clad",
+            "--output-dir", str(out), *DEMO_CLAD, "--checkpointing-steps", "0",
+            "--no-progress", *extra,
+        ]  # fmt: skip
+        if out.exists():
+            import shutil
+
+            shutil.rmtree(out)
+        t = time.perf_counter()
+        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t
+        model, pre = load_classifier(str(out))
+        r = evaluate_model(model, pre, data, challenge_pool_per_class=5)
+        results[name] = {
+            "flags": extra,
+            "train_seconds": round(seconds, 1),
+            "original": r["accuracy"]["original"],
+            "mixed_same": r["accuracy"]["mixed_same"],
+            "mixed_rand": r["accuracy"]["mixed_rand"],
+            "bg_gap": r["bg_gap"],
+        }
+        print(f"{name}: {json.dumps(results[name])}", flush=True)
+    # the caller adds command and date
+    return {"dataset": str(dataset), "base_flags": DEMO_CLAD, "runs": results}
+
+
 def run_demo(seed: int, preset: str, out_root: Path) -> dict:
     out = out_root / f"demo-seed{seed}"
     cmd = [
@@ -168,18 +242,27 @@ def summarise(demos: list[dict]) -> dict:
 
 
 def markdown(result: dict) -> str:
+    m = result["machine"]
     lines = [
         BEGIN,
         "",
-        f"Generated by `{result['command']}` on {result['date']} ({result['machine']['cpu']}, {result['machine']['threads']} threads, torch {result['machine']['torch']}).",
+        f"Machine: {m['cpu']}, {m['threads']} torch threads, torch {m['torch']}, Python {m['python']}.",
         "",
     ]
+
+    def provenance(section: dict) -> list[str]:
+        return [
+            f"Command: `{section.get('command', result['command'])}` ({section.get('date', result['date'])}).",
+            "",
+        ]
+
     if "demo" in result:
         s = result["demo"]["summary"]
         seeds = result["demo"]["seeds"]
         lines += [
             f"### Debiasing on the built-in benchmark (preset `{result['demo']['preset']}`, seeds {seeds}: mean, and min..max)",
             "",
+            *provenance(result["demo"]),
             "| method | original | mixed_same | mixed_rand | only_bg_t | bg_gap | challenge | worst group |",
             "| --- | --- | --- | --- | --- | --- | --- | --- |",
         ]
@@ -208,19 +291,39 @@ def markdown(result: dict) -> str:
             lines.append("")
     if "steps" in result:
         lines += [
-            "### Training step cost (one model, one random batch of 64 at 64 px, step kinds interleaved, medians)",
+            "### Training step cost (one model, one random batch of 64 at 64 px, step kinds interleaved)",
+            "",
+            *provenance(result["steps"]),
+            "Medians of the step times within a run; the ratio is the median over independent runs (each run's ratio in brackets).",
             "",
             "| memory format | ERM step (ms) | CLAD step (ms) | stored negatives per anchor | train_step_ratio_clad_over_erm | negative_dictionary_share |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
         labels = {"clad_core": "0 (the paper's CLAD)", "clad_1neg": "1 (the default)", "clad_2neg": "2"}
-        for fmt, r in result["steps"].items():
+        for fmt, r in result["steps"]["formats"].items():
             for kind, label in labels.items():
+                per_run = ", ".join(f"{x:.2f}" for x in r[kind].get("ratio_per_run", []))
                 lines.append(
                     f"| {fmt} | {r['step_ms']['erm']:.1f} | {r['step_ms'][kind]:.1f} | {label} | "
-                    f"{r[kind]['train_step_ratio_clad_over_erm']:.2f} | {100 * r[kind]['negative_dictionary_share']:.2f}% |"
+                    f"{r[kind]['train_step_ratio_clad_over_erm']:.2f} ({per_run}) | {100 * r[kind]['negative_dictionary_share']:.2f}% |"
                 )
         lines.append(f"\nThe dictionary's push + lookup of 64 features: {r['step_ms']['dictionary']:.2f} ms.")
+        lines.append("")
+    if "ablation" in result:
+        lines += [
+            "### CLAD with one setting changed (seed 0 demo dataset, test split, one run each)",
+            "",
+            *provenance(result["ablation"]),
+            f"The demo's CLAD: `train.py --method clad {' '.join(result['ablation'].get('base_flags', DEMO_CLAD))}`, "
+            "with paired crops of 70-100%, 32 dictionary negatives and one stored negative per anchor.",
+            "",
+            "| setting | original | mixed_same | mixed_rand | bg_gap | training time (s) |",
+            "| --- | --- | --- | --- | --- | --- |",
+        ]
+        for name, r in result["ablation"]["runs"].items():
+            lines.append(
+                f"| {name} | {r['original']:.1f} | {r['mixed_same']:.1f} | {r['mixed_rand']:.1f} | {r['bg_gap']:.1f} | {r['train_seconds']:.0f} |"
+            )
         lines.append("")
     lines.append(END)
     return "\n".join(lines)
@@ -243,7 +346,20 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     p.add_argument("--preset", default="default", help="demo preset (default: default; --quick: small)")
     p.add_argument("--skip-demo", action="store_true")
-    p.add_argument("--repeats", type=int, default=40, help="timed steps of each kind")
+    p.add_argument("--repeats", type=int, default=40, help="timed steps of each kind per run")
+    p.add_argument(
+        "--step-runs",
+        type=int,
+        default=3,
+        help="independent runs of the step timing; ratios are their median",
+    )
+    p.add_argument("--skip-steps", action="store_true")
+    p.add_argument("--reuse", help="an earlier result JSON: sections this run leaves out are taken from it")
+    p.add_argument(
+        "--ablation",
+        action="store_true",
+        help="also train CLAD with one setting changed at a time on the seed-0 demo dataset (about 12 minutes)",
+    )
     p.add_argument("--work-dir", default="outputs/bench", help="where the demo runs write")
     p.add_argument(
         "--write-docs", action="store_true", help="replace the generated section of docs/BENCHMARKS.md"
@@ -256,12 +372,18 @@ def main(argv: list[str] | None = None) -> int:
         "date": time.strftime("%Y-%m-%d"),
         "machine": machine(),
     }
-    result["steps"] = {
-        "channels-last (default)": step_costs(repeats=args.repeats),
-        "contiguous": step_costs(repeats=args.repeats, channels_last=False),
-    }
-    for name, r in result["steps"].items():
-        print(f"{name}: {json.dumps(r)}", flush=True)
+    previous = json.loads(Path(args.reuse).read_text()) if args.reuse else {}
+    if not args.skip_steps:
+        result["steps"] = {
+            "command": result["command"],
+            "date": result["date"],
+            "formats": {
+                "channels-last (default)": median_of_runs(args.step_runs, repeats=args.repeats),
+                "contiguous": median_of_runs(args.step_runs, repeats=args.repeats, channels_last=False),
+            },
+        }
+        for name, r in result["steps"]["formats"].items():
+            print(f"{name}: {json.dumps(r)}", flush=True)
     if not args.skip_demo:
         out_root = ROOT / args.work_dir
         runs = []
@@ -276,12 +398,27 @@ def main(argv: list[str] | None = None) -> int:
                 {"target": t["target"], "values": values, "met": sum(r["targets"][i]["ok"] for r in runs)}
             )
         result["demo"] = {
+            "command": result["command"],
+            "date": result["date"],
             "preset": args.preset,
             "seeds": args.seeds,
             "runs": [{"wall_seconds": r["wall_seconds"], "timings": r["timings_seconds"]} for r in runs],
             "summary": summarise(runs),
             "targets": targets,
         }
+    if args.ablation:
+        dataset = ROOT / args.work_dir / f"demo-seed{args.seeds[0]}" / "dataset"
+        if not (dataset / "README.md").is_file():
+            print(f"generating {dataset} ...", flush=True)
+            run_demo(args.seeds[0], args.preset, ROOT / args.work_dir)
+        result["ablation"] = {
+            "command": result["command"],
+            "date": result["date"],
+            **run_ablation(dataset, ROOT / args.work_dir),
+        }
+    for section in ("steps", "demo", "ablation"):
+        if section not in result and section in previous:
+            result[section] = previous[section]
     Path(args.output).write_text(json.dumps(result, indent=2))
     if args.write_docs:
         write_docs(result, ROOT / "docs" / "BENCHMARKS.md")
