@@ -10,23 +10,47 @@ from __future__ import annotations
 from functools import cache
 from importlib import resources
 
-__all__ = ["load_template", "render", "CAPTION_SCENE", "CAPTION_LABEL", "CAPTION_BACKGROUND"]
+__all__ = [
+    "load_template",
+    "load_json",
+    "render",
+    "CAPTION_SCENE",
+    "CAPTION_LABEL",
+    "CAPTION_BACKGROUND",
+    "EXTRACT",
+]
 
 CAPTION_SCENE = "caption_scene_v1"  # a photo of a {object} on {background}
 CAPTION_LABEL = "caption_label_v1"  # a photo of a {label}
 CAPTION_BACKGROUND = "caption_background_v1"  # a photo of {background}
+EXTRACT = "extract_v1"  # the LLM's phrase extraction: system, user, repair messages and few-shot examples
+
+
+def _file(name: str, ext: str):
+    path = resources.files(__name__) / f"{name}{ext}"
+    if not path.is_file():
+        available = sorted(
+            p.name[: -len(ext)] for p in resources.files(__name__).iterdir() if p.name.endswith(ext)
+        )
+        raise FileNotFoundError(f"no prompt template {name!r}{ext} in prompts/; available: {available}")
+    return path
 
 
 @cache
 def load_template(name: str) -> str:
     """Text of the template ``name`` (without extension), stripped of its trailing newline."""
-    path = resources.files(__name__) / f"{name}.txt"
-    if not path.is_file():
-        available = sorted(
-            p.name[:-4] for p in resources.files(__name__).iterdir() if p.name.endswith(".txt")
-        )
-        raise FileNotFoundError(f"no prompt template {name!r} in prompts/; available: {available}")
-    return path.read_text(encoding="utf-8").rstrip("\n")
+    return _file(name, ".txt").read_text(encoding="utf-8").rstrip("\n")
+
+
+def load_json(name: str) -> dict:
+    """The structured template ``prompts/<name>.json`` (a fresh copy: callers may change it)."""
+    import json
+
+    path = _file(name, ".json")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"prompts/{name}.json is not valid JSON: {e}") from e
 
 
 def render(name: str, **fields: str) -> str:
