@@ -362,6 +362,7 @@ class _HFGenerate:
 
     def __init__(self, model, tokenizer, max_new_tokens: int):
         self.model, self.tokenizer, self.max_new_tokens = model, tokenizer, max_new_tokens
+        self.generate_kwargs: dict[str, Any] = {}  # extra model.generate arguments (benchmarks)
         self.calls = 0
 
     def __call__(self, conversations: list[list[dict[str, str]]]) -> list[str]:
@@ -378,6 +379,7 @@ class _HFGenerate:
                 do_sample=False,
                 max_new_tokens=self.max_new_tokens,
                 pad_token_id=tok.pad_token_id,
+                **self.generate_kwargs,
             )
         self.calls += 1
         new = out[:, enc["input_ids"].shape[1] :]

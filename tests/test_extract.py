@@ -14,12 +14,8 @@ from augment.extract import (
     parse_answer,
     parse_caption,
 )
+from augment.tiny import build_tiny_chat_llm
 from prompts import load_json
-
-CHAT_TEMPLATE = (
-    "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 
 
 # ---------------------------------------------------------------------------------------------- prompts
@@ -179,41 +175,7 @@ def test_no_repairs():
 # --------------------------------------------------------------------------------- a real tiny model
 @pytest.fixture(scope="module")
 def tiny_llm(tmp_path_factory):
-    import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM
-
-    specials = ["<|im_start|>", "<|im_end|>", "<|pad|>"]
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    corpus = [json.dumps(load_json("extract_v1")), "a photo of a dog on the grass", '{"background": ["sea"]}']
-    tok.train_from_iterator(
-        corpus * 4,
-        trainers.BpeTrainer(
-            vocab_size=400, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-        ),
-    )
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok, bos_token=None, eos_token="<|im_end|>", pad_token="<|pad|>"
-    )
-    fast.chat_template = CHAT_TEMPLATE
-    torch.manual_seed(0)
-    config = Qwen2Config(
-        vocab_size=len(fast),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=4096,
-        eos_token_id=fast.eos_token_id,
-        pad_token_id=fast.pad_token_id,
-    )
-    path = tmp_path_factory.mktemp("tiny-llm")
-    Qwen2ForCausalLM(config).save_pretrained(path)
-    fast.save_pretrained(path)
-    return str(path)
+    return build_tiny_chat_llm(tmp_path_factory.mktemp("tiny-llm"))
 
 
 def test_tiny_llm_garbage_ends_in_fallback_or_rejection(tiny_llm):
