@@ -184,19 +184,27 @@ def parse_caption(caption: str, label: str) -> Extraction:
     return Extraction(background=background, method="caption-parser")
 
 
+def _from_caption(caption: str, label: str, llm_error: str | None = None, attempts: int = 0) -> Extraction:
+    """:func:`parse_caption`, or a rejection saying why; ``llm_error``: the LLM failed first (fallback)."""
+    try:
+        r = parse_caption(caption, label)
+    except AnswerError as e:
+        why = f"caption parser: {e}"
+        return Extraction(
+            method="rejected", attempts=attempts, error=f"{llm_error}; {why}" if llm_error else why
+        )
+    if llm_error:
+        r.method, r.attempts, r.error = "caption-parser-fallback", attempts, llm_error
+    return r
+
+
 class CaptionParser:
     """:func:`parse_caption` over a batch, as an extractor; failures are rejections, not exceptions."""
 
     def __call__(
         self, captions: Sequence[str], labels: Sequence[str], progress: bool = False
     ) -> list[Extraction]:
-        out = []
-        for caption, label in zip(captions, labels, strict=True):
-            try:
-                out.append(parse_caption(caption, label))
-            except AnswerError as e:
-                out.append(Extraction(method="rejected", error=f"caption parser: {e}"))
-        return out
+        return [_from_caption(c, lab) for c, lab in zip(captions, labels, strict=True)]
 
     def describe(self) -> dict[str, Any]:
         return {"extractor": "caption-parser", "prepositions": list(PREPOSITIONS)}
@@ -295,13 +303,11 @@ class LLMExtractor:
         tries = self.max_repairs + 1
         for i in pending:
             why = f"LLM answer invalid after {tries} attempt{'s' if tries > 1 else ''}: {errors[i]}"
-            try:
-                r = parse_caption(captions[i], labels[i])
-                r.method, r.attempts, r.error = "caption-parser-fallback", tries, why
-            except AnswerError as e:
-                r = Extraction(method="rejected", attempts=tries, error=f"{why}; caption parser: {e}")
-            results[i] = r
-        return [r for r in results if r is not None]
+            results[i] = _from_caption(captions[i], labels[i], why, tries)
+        missing = [i for i, r in enumerate(results) if r is None]
+        if missing:  # every item ends as phrases, a fallback or a rejection; never silently dropped
+            raise RuntimeError(f"extraction lost items {missing}")
+        return results  # type: ignore[return-value]
 
     def describe(self) -> dict[str, Any]:
         return {

@@ -34,6 +34,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 BEGIN, END = "<!-- bench:begin -->", "<!-- bench:end -->"
+# the CLAD step kinds timed against ERM, with the stored negatives per anchor each one uses
+CLAD_STEPS = {"clad_core": "0 (the paper's CLAD)", "clad_1neg": "1 (the default)", "clad_2neg": "2"}
 
 
 def machine() -> dict:
@@ -126,7 +128,7 @@ def step_costs(
         "repeats": repeats,
         "step_ms": {k: round(v * 1000, 2) for k, v in med.items()},
     }
-    for kind in ("clad_core", "clad_1neg", "clad_2neg"):
+    for kind in CLAD_STEPS:
         out[kind] = {
             "train_step_ratio_clad_over_erm": round(med[kind] / med["erm"], 3),
             "negative_dictionary_share": round(med["dictionary"] / med[kind], 4),
@@ -140,7 +142,7 @@ def median_of_runs(runs: int, **kwargs) -> dict:
     out = {k: v for k, v in results[0].items() if not isinstance(v, dict)}
     out["runs"] = runs
     out["step_ms"] = {k: statistics.median(r["step_ms"][k] for r in results) for k in results[0]["step_ms"]}
-    for kind in ("clad_core", "clad_1neg", "clad_2neg"):
+    for kind in CLAD_STEPS:
         ratios = [r[kind]["train_step_ratio_clad_over_erm"] for r in results]
         shares = [r[kind]["negative_dictionary_share"] for r in results]
         out[kind] = {
@@ -299,9 +301,8 @@ def markdown(result: dict) -> str:
             "| memory format | ERM step (ms) | CLAD step (ms) | stored negatives per anchor | train_step_ratio_clad_over_erm | negative_dictionary_share |",
             "| --- | --- | --- | --- | --- | --- |",
         ]
-        labels = {"clad_core": "0 (the paper's CLAD)", "clad_1neg": "1 (the default)", "clad_2neg": "2"}
         for fmt, r in result["steps"]["formats"].items():
-            for kind, label in labels.items():
+            for kind, label in CLAD_STEPS.items():
                 per_run = ", ".join(f"{x:.2f}" for x in r[kind].get("ratio_per_run", []))
                 lines.append(
                     f"| {fmt} | {r['step_ms']['erm']:.1f} | {r['step_ms'][kind]:.1f} | {label} | "
