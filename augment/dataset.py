@@ -7,6 +7,7 @@ reads it back with its features, and publishing is an upload of the folder::
       README.md                  dataset card; YAML ``configs:`` (default, rejected) and ``dataset_info``
       data/<split>-0000i-of-0000n.parquet
       rejected/<split>-00000-of-00001.parquet   every refused input: id, split, stage, reason
+      phrase_masks/<split>-00000-of-00001.parquet  per-phrase masks of the segmentation stage (when made)
       generation.json            the settings that produced the folder
       preview.png                original | mask | positives | negatives, one row per sampled original
 
@@ -53,8 +54,25 @@ def dataset_features(class_names: Sequence[str]):
             "caption": Value("string"),
             "fg_phrases": List(Value("string")),
             "bg_phrases": List(Value("string")),
+            "alt_phrases": List(Value("string")),
             "spurious_phrases": List(Value("string")),
             "recipe": Value("string"),
+        }
+    )
+
+
+def phrase_mask_features():
+    """The ``datasets.Features`` of the ``phrase_masks`` configuration: one row per (original, phrase)."""
+    from datasets import Features, List, Value
+    from datasets import Image as ImageFeature
+
+    return Features(
+        {
+            "id": Value("string"),
+            "phrase": Value("string"),
+            "mask": ImageFeature(),
+            "boxes": List(List(Value("float32"))),
+            "scores": List(Value("float32")),
         }
     )
 
@@ -89,6 +107,7 @@ class Row:
     caption: str = ""
     fg_phrases: list[str] = field(default_factory=list)
     bg_phrases: list[str] = field(default_factory=list)
+    alt_phrases: list[str] = field(default_factory=list)
     spurious_phrases: list[str] = field(default_factory=list)
     recipe: dict[str, Any] = field(default_factory=dict)
 
@@ -113,6 +132,7 @@ class Row:
             "caption": self.caption,
             "fg_phrases": list(self.fg_phrases),
             "bg_phrases": list(self.bg_phrases),
+            "alt_phrases": list(self.alt_phrases),
             "spurious_phrases": list(self.spurious_phrases),
             "recipe": json.dumps(self.recipe, sort_keys=True),
         }
@@ -168,6 +188,7 @@ class DatasetWriter:
         self._shards: dict[str, list[Path]] = defaultdict(list)
         self._nbytes: Counter = Counter()  # config/split -> Arrow bytes
         self._rejected: list[dict[str, str]] = []
+        self._phrase_masks: dict[str, list[dict]] = defaultdict(list)
         self._ids: set[str] = set()
         self.counts: dict[str, Counter] = defaultdict(Counter)  # split -> kind -> n
         self.groups: dict[str, Counter] = defaultdict(Counter)  # split -> (label, bg_label) of originals
@@ -198,6 +219,28 @@ class DatasetWriter:
     def reject(self, id: str, split: str, stage: str, reason: str) -> None:
         """Record an input (or a derived row) that a stage refused, with the reason."""
         self._rejected.append({"id": id, "split": split, "stage": stage, "reason": reason})
+
+    def add_phrase_mask(
+        self,
+        split: str,
+        id: str,
+        phrase: str,
+        mask: Image.Image,
+        boxes: Sequence[Sequence[float]] = (),
+        scores: Sequence[float] = (),
+    ) -> None:
+        """Keep the mask of one foreground phrase of original ``id`` (for the discovery stage)."""
+        if mask.mode != "L":
+            raise ValueError(f"phrase mask of {id} ({phrase!r}) must be mode L, got {mask.mode}")
+        self._phrase_masks[split].append(
+            {
+                "id": id,
+                "phrase": phrase,
+                "mask": {"bytes": png_bytes(mask), "path": None},
+                "boxes": [[float(v) for v in b] for b in boxes],
+                "scores": [float(v) for v in scores],
+            }
+        )
 
     def _flush(self, split: str) -> None:
         rows = self._buffers.pop(split, [])
@@ -237,12 +280,22 @@ class DatasetWriter:
             self._nbytes[("rejected", split)] = _write_table(
                 rejected_by_split.get(split, []), rej_schema, path
             )
+        phrase_splits = [s for s in splits if self._phrase_masks.get(s)]
+        if phrase_splits:
+            (self.output_dir / "phrase_masks").mkdir(exist_ok=True)
+        for split in phrase_splits:
+            path = self.output_dir / "phrase_masks" / f"{split}-00000-of-00001.parquet"
+            self._nbytes[("phrase_masks", split)] = _write_table(
+                self._phrase_masks[split], phrase_mask_features().arrow_schema, path
+            )
         summary = {
             "splits": {s: dict(self.counts[s]) for s in splits},
             "rejected": {s: len(rejected_by_split.get(s, [])) for s in rejected_splits},
             "rejected_by_stage": dict(Counter(r["stage"] for r in self._rejected)),
             "generators": dict(self.generators),
         }
+        if phrase_splits:
+            summary["phrase_masks"] = {s: len(self._phrase_masks[s]) for s in phrase_splits}
         settings = dict(settings or {})
         settings["package_version"] = __version__
         (self.output_dir / "generation.json").write_text(
@@ -287,6 +340,11 @@ def render_card(
             {
                 "config_name": "default",
                 "features": writer.features._to_yaml_list(),
+                # the bytes on disk: datasets keys its cache of a folder on this metadata, so a
+                # rewrite that changes the files also changes the key (see folder_fingerprint)
+                "download_size": sum(
+                    f.stat().st_size for f in (writer.output_dir / "data").glob("*.parquet")
+                ),
                 "splits": [
                     {"name": s, "num_bytes": writer._nbytes[("default", s)], "num_examples": total[s]}
                     for s in splits
@@ -306,10 +364,28 @@ def render_card(
             },
         ],
         "task_categories": ["image-classification"],
-        "tags": ["counterfactual-augmentation", "background-bias", "clad", "aspire", "synthetic"]
-        if settings.get("source") == "synthetic"
-        else ["counterfactual-augmentation", "background-bias", "clad", "aspire"],
     }
+    phrase_counts = summary.get("phrase_masks", {})
+    if phrase_counts:
+        meta["configs"].append(
+            {
+                "config_name": "phrase_masks",
+                "data_files": [{"split": s, "path": f"phrase_masks/{s}-*"} for s in phrase_counts],
+            }
+        )
+        meta["dataset_info"].append(
+            {
+                "config_name": "phrase_masks",
+                "features": phrase_mask_features()._to_yaml_list(),
+                "splits": [
+                    {"name": s, "num_bytes": writer._nbytes[("phrase_masks", s)], "num_examples": n}
+                    for s, n in phrase_counts.items()
+                ],
+            }
+        )
+    meta["tags"] = ["counterfactual-augmentation", "background-bias", "clad", "aspire"] + (
+        ["synthetic"] if settings.get("source") == "synthetic" else []
+    )
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
     lines += ["# Counterfactual dataset", ""]
     if description:
@@ -325,6 +401,12 @@ def render_card(
         "",
         'ds = load_dataset("path/to/this/folder")            # train / validation / test',
         'rejected = load_dataset("path/to/this/folder", "rejected")  # every refused input and why',
+    ]
+    if phrase_counts:
+        lines.append(
+            'phrases = load_dataset("path/to/this/folder", "phrase_masks")  # a mask per foreground phrase'
+        )
+    lines += [
         "```",
         "",
         "## Counts",
@@ -389,7 +471,10 @@ def render_card(
         "| `bg_label` | the class whose background the image carries (-1: unknown) |",
         "| `kind` | original, positive, negative or generated |",
         "| `source_id` | the original the row derives from (itself for originals) |",
-        "| `caption`, `fg_phrases`, `bg_phrases`, `spurious_phrases` | descriptions |",
+        "| `caption` | the image's caption (`recipe.caption` says whether a model, the dataset or the label made it) |",
+        "| `fg_phrases`, `bg_phrases`, `alt_phrases` | foreground objects besides the labelled one, the "
+        "background, an alternative background (`recipe.extract` says how they were extracted) |",
+        "| `spurious_phrases` | phrases the discovery stage found a classifier relies on |",
         "| `recipe` | JSON provenance: generator, operation, sources, seeds, settings |",
         "",
     ]
@@ -471,13 +556,32 @@ def _check_folder(path: Path) -> None:
         )
 
 
+def folder_fingerprint(path: str | os.PathLike) -> str:
+    """A hash of a dataset folder's card and data files (name, size, modification time).
+
+    ``datasets`` keys its cache of a local folder on the card's metadata, not on the files, so a folder
+    regenerated in place with the same row counts and byte sizes would load the old rows from the
+    cache. Keying the cache on this fingerprint instead makes every rewrite a new cache entry.
+    """
+    import hashlib
+
+    path = Path(path)
+    h = hashlib.sha256((path / "README.md").read_bytes())
+    for f in sorted((path / "data").glob("*.parquet")):
+        st = f.stat()
+        h.update(f"{f.name}:{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:20]
+
+
 def load_counterfactual_dataset(path: str | os.PathLike):
-    """``datasets.load_dataset`` on a folder written by :class:`DatasetWriter`, with a clear error."""
-    from datasets import load_dataset
+    """``datasets.load_dataset`` on a folder written by :class:`DatasetWriter`, with a clear error,
+    cached under the folder's :func:`folder_fingerprint` (never stale after a rewrite)."""
+    from datasets import config, load_dataset
 
     path = Path(path)
     _check_folder(path)
-    return load_dataset(str(path))
+    cache_dir = Path(config.HF_DATASETS_CACHE) / "counterfactual" / folder_fingerprint(path)
+    return load_dataset(str(path), cache_dir=str(cache_dir))
 
 
 def load_rejected(path: str | os.PathLike):

@@ -52,7 +52,8 @@ class Extraction:
 
     ``method``: ``llm`` (first answer valid), ``llm-repaired`` (valid after ``attempts - 1`` repairs),
     ``caption-parser`` (no LLM configured), ``caption-parser-fallback`` (the LLM failed; ``error`` says
-    how), or ``rejected`` (``error`` holds the LLM's and the parser's reasons).
+    how), ``rejected`` (``error`` holds the LLM's and the parser's reasons), or ``no-caption`` (set by
+    the generation job for an image with no caption but its label: there is nothing to extract).
     """
 
     foreground: list[str] = field(default_factory=list)
@@ -333,16 +334,14 @@ class LLMExtractor:
 
         ``dtype``: ``"float16"``/``"bfloat16"`` on a GPU (default there: bfloat16), float32 on a CPU.
         """
-        import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        torch_dtype = (
-            getattr(torch, dtype)
-            if dtype
-            else (torch.bfloat16 if device.startswith("cuda") else torch.float32)
-        )
+        from .runtime import check_model_ref, model_info, resolve_device, resolve_dtype
+
+        model_id_or_path = check_model_ref(model_id_or_path, "--llm")
+
+        device = resolve_device(device)
+        torch_dtype = resolve_dtype(device, dtype)
         tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, revision=revision)
         if tokenizer.chat_template is None:
             raise ValueError(
@@ -354,11 +353,9 @@ class LLMExtractor:
         model = AutoModelForCausalLM.from_pretrained(model_id_or_path, revision=revision, dtype=torch_dtype)
         model.to(device).eval()
         info = {
-            "model": model_id_or_path,
-            "revision": revision or getattr(model.config, "_commit_hash", None),
+            **model_info(model_id_or_path, model, revision, torch_dtype),
             "max_new_tokens": max_new_tokens,
             "decoding": "greedy",
-            "dtype": str(torch_dtype).replace("torch.", ""),
         }
         return cls(_HFGenerate(model, tokenizer, max_new_tokens), info=info, **kwargs)
 

@@ -1,8 +1,9 @@
 """The generation job: a source in, a counterfactual dataset folder out.
 
-``python scripts/generate.py --source synthetic --output DIR`` reads every split of the source, writes
-each usable image as an ``original`` row and, for the counterfactual splits (``train`` by default),
-derives rows from it:
+``python scripts/generate.py --source synthetic --output DIR`` reads every split of the source, runs
+the language and segmentation stage over its originals (:mod:`augment.annotate`: caption, phrases,
+mask), writes each usable image as an ``original`` row and, for the counterfactual splits (``train``
+by default), derives rows from it:
 
 * ``positive``: the object on the background of an image of another class (CLAD's x+);
 * ``negative`` / remove: the anchor's background with the object removed (label -1);
@@ -28,12 +29,14 @@ from tqdm.auto import tqdm
 
 from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, render
 
+from .annotate import Annotation, Annotator
 from .dataset import DatasetWriter, Row
 from .seeding import item_rng, item_seed
 from .sources import RejectedInput, Sample, Source, build_source
 from .synthesize.composite import CompositeGenerator
 
 NEGATIVE_KINDS = ("remove", "replace")
+MASK_SOURCES = ("given", "sam", "grounded")
 
 
 @dataclass
@@ -61,6 +64,30 @@ class GenerateConfig:
     validation_per_class: int = 50
     test_per_class: int = 100
     max_rotation: float = 180.0
+    # language and segmentation stage
+    captioner: str | None = None
+    caption_batch_size: int = 16
+    caption_max_new_tokens: int = 30
+    caption_num_beams: int = 1
+    llm: str | None = None
+    llm_batch_size: int = 8
+    llm_max_new_tokens: int = 96
+    llm_max_repairs: int = 2
+    mask_source: str = "given"
+    sam: str | None = None
+    sam_checkpoint: str | None = None
+    sam_type: str = "vit_h"
+    detector: str | None = None
+    box_threshold: float = 0.1
+    max_boxes: int = 4
+    segment_batch_size: int = 8
+    fill_holes: bool = True
+    dilate: int = 0
+    min_mask_area: float = 0.005
+    max_mask_area: float = 0.95
+    annotate_chunk: int = 256
+    device: str | None = None
+    dtype: str | None = None
     progress: bool = True
 
     def source_kwargs(self) -> dict[str, Any]:
@@ -105,19 +132,34 @@ def scene_caption(obj: str, background: str | None) -> str:
     )
 
 
+def background_name(sample: Sample) -> str | None:
+    """Words for the background of ``sample``: the source's name for it, else its first background phrase."""
+    return sample.meta.get("background") or next(iter(sample.meta.get("bg_phrases") or []), None)
+
+
 def background_class(sample: Sample) -> int:
     """The class whose background ``sample`` carries: its ``bg_label`` when known, else its label."""
     return sample.bg_label if sample.bg_label >= 0 else sample.label
 
 
 class _SampleCache:
-    """An LRU of decoded samples (and refusals), bounded in bytes: partners are fetched repeatedly."""
+    """An LRU of decoded samples (and refusals), bounded in bytes: partners are fetched repeatedly.
+
+    ``annotations`` (index -> :class:`~augment.annotate.Annotation`) are applied to every sample it
+    returns, so a sample decoded again after eviction carries its caption, phrases and mask.
+    """
 
     def __init__(self, source: Source, split: str, budget_mb: float = 1024.0):
         self.source, self.split = source, split
         self.budget = int(budget_mb * 2**20)
         self.used = 0
         self._items: OrderedDict[int, tuple[Sample | RejectedInput, int]] = OrderedDict()
+        self.annotations: dict[int, Annotation] = {}
+
+    def annotate(self, index: int, annotation: Annotation) -> None:
+        self.annotations[index] = annotation
+        if index in self._items and isinstance(self._items[index][0], Sample):
+            annotation.apply(self._items[index][0])
 
     @staticmethod
     def _nbytes(item: Sample | RejectedInput) -> int:
@@ -133,6 +175,8 @@ class _SampleCache:
         else:
             try:
                 item = self.source.load(self.split, index)
+                if index in self.annotations:
+                    self.annotations[index].apply(item)
             except RejectedInput as e:
                 item = e
             size = self._nbytes(item)
@@ -151,12 +195,14 @@ class CounterfactualBuilder:
 
     max_partner_attempts = 16
 
-    def __init__(self, source: Source, split: str, indices: list[int], config: GenerateConfig):
+    def __init__(
+        self, source: Source, split: str, indices: list[int], config: GenerateConfig, cache: _SampleCache
+    ):
         self.source, self.split, self.config = source, split, config
         labels = source.labels(split)
         self.pool = np.asarray(indices, dtype=np.int64)
         self.pool_labels = labels[self.pool]
-        self.cache = _SampleCache(source, split)
+        self.cache = cache
         self.generator = CompositeGenerator()
 
     def _partner(self, anchor: Sample, role: str) -> tuple[Sample | None, str]:
@@ -184,6 +230,8 @@ class CounterfactualBuilder:
         rows: list[Row] = []
         rejections: list[tuple[str, str, str]] = []
         where = anchor.path or anchor.id
+        if anchor.mask is None and anchor.meta.get("mask_error"):
+            return rows, []  # the segmentation stage has recorded why there is no mask
         if anchor.mask is None:
             return rows, [
                 (
@@ -218,7 +266,8 @@ class CounterfactualBuilder:
                     bg_label=background_class(partner),
                     kind="positive",
                     source_id=anchor.id,
-                    caption=scene_caption(obj_name, partner.meta.get("background")),
+                    caption=scene_caption(obj_name, background_name(partner)),
+                    bg_phrases=list(partner.meta.get("bg_phrases", [])),
                     recipe={
                         **out.recipes[0],
                         "background_source_id": partner.id,
@@ -228,7 +277,7 @@ class CounterfactualBuilder:
             )
         for k, neg in enumerate(self.config.negatives):
             row_id = f"{anchor.id}/negative/{k}"
-            bg_name = anchor.meta.get("background")
+            bg_name = background_name(anchor)
             if neg == "remove":
                 out = self.generator(background_image=[anchor.image], background_mask=[anchor.mask])
                 label, mask, extra = -1, out.masks[0], {}
@@ -258,6 +307,7 @@ class CounterfactualBuilder:
                     kind="negative",
                     source_id=anchor.id,
                     caption=caption,
+                    bg_phrases=list(anchor.meta.get("bg_phrases", [])),
                     recipe={
                         **out.recipes[0],
                         **extra,
@@ -271,6 +321,9 @@ class CounterfactualBuilder:
 
 
 def original_row(sample: Sample) -> Row:
+    recipe: dict[str, Any] = {"generator": "source", **sample.meta.get("annotation", {})}
+    if sample.path:
+        recipe["file"] = sample.meta.get("file")
     return Row(
         id=sample.id,
         image=sample.image,
@@ -280,9 +333,10 @@ def original_row(sample: Sample) -> Row:
         kind="original",
         source_id=sample.id,
         caption=sample.caption,
-        recipe={"generator": "source", "file": sample.meta.get("file")}
-        if sample.path
-        else {"generator": "source"},
+        fg_phrases=list(sample.meta.get("fg_phrases", [])),
+        bg_phrases=list(sample.meta.get("bg_phrases", [])),
+        alt_phrases=list(sample.meta.get("alt_phrases", [])),
+        recipe=recipe,
     )
 
 
@@ -297,24 +351,29 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         raise ValueError(f"--positives {config.positives!r} is not available; this version has: composite")
     if config.limit is not None and config.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {config.limit}")
+    if config.annotate_chunk < 1:
+        raise ValueError(f"--annotate-chunk must be >= 1, got {config.annotate_chunk}")
     source = build_source(config.source, **config.source_kwargs())
+    start = time.perf_counter()
+    annotator = build_annotator(config, source.class_names)  # loads models: fail before writing
     writer = DatasetWriter(
         config.output, source.class_names, shard_size=config.shard_size, overwrite=config.overwrite
     )
-    start = time.perf_counter()
     inputs = 0
     for split in source.splits():
         indices = select_indices(source.labels(split), config.limit)
         inputs += len(indices)
+        cache = _SampleCache(source, split)
+        annotate_split(annotator, cache, indices, writer, config)
         builder = (
-            CounterfactualBuilder(source, split, indices, config)
+            CounterfactualBuilder(source, split, indices, config, cache)
             if split in config.counterfactual_splits
             else None
         )
         for index in tqdm(indices, desc=f"generate {split}", disable=not config.progress, unit="img"):
             item_id = source.item_id(split, index)
             try:
-                sample = builder.cache.get(index) if builder else source.load(split, index)
+                sample = cache.get(index)
             except RejectedInput as e:
                 writer.reject(item_id, split, e.stage, e.reason)
                 continue
@@ -326,7 +385,12 @@ def run(config: GenerateConfig) -> dict[str, Any]:
                 writer.add(split, row)
             for rid, stage, reason in rejections:
                 writer.reject(rid, split, stage, reason)
-    settings = {**asdict(config), **source.describe(), "generator": config.positives}
+    settings = {
+        **asdict(config),
+        **source.describe(),
+        "generator": config.positives,
+        "annotation": annotator.describe(),
+    }
     settings.pop("progress", None)
     summary = writer.close(
         settings=settings, description=f"Generated from the `{source.name}` source by scripts/generate.py."
@@ -342,6 +406,97 @@ def run(config: GenerateConfig) -> dict[str, Any]:
             f"internal error: {inputs} inputs but {originals} written + {rejected_inputs} rejected"
         )
     return summary
+
+
+def build_annotator(config: GenerateConfig, class_names: list[str]) -> Annotator:
+    """The caption / extract / segment models the flags ask for, loaded once for the whole run."""
+    if config.mask_source not in MASK_SOURCES:
+        raise ValueError(f"--mask-source must be one of {list(MASK_SOURCES)}, got {config.mask_source!r}")
+    if config.mask_source == "given" and (config.sam or config.sam_checkpoint or config.detector):
+        raise ValueError(
+            "--sam/--sam-checkpoint/--detector are only used with --mask-source sam or grounded; "
+            "with --mask-source given the source's masks are used"
+        )
+    segmenter = None
+    if config.mask_source != "given":  # first: its flag errors are found before the LLM loads
+        from .segment import PostProcess, Segmenter
+
+        post = PostProcess(
+            fill_holes=config.fill_holes,
+            dilate=config.dilate,
+            min_area=config.min_mask_area,
+            max_area=config.max_mask_area,
+        )
+        segmenter = Segmenter.from_flags(
+            config.mask_source,
+            sam=config.sam,
+            detector=config.detector,
+            sam_checkpoint=config.sam_checkpoint,
+            sam_type=config.sam_type,
+            device=config.device,
+            dtype=config.dtype,
+            post=post,
+            batch_size=config.segment_batch_size,
+            box_threshold=config.box_threshold,
+            max_boxes=config.max_boxes,
+        )
+    captioner = extractor = None
+    if config.captioner:
+        from .describe import Captioner
+
+        captioner = Captioner.from_pretrained(
+            config.captioner,
+            device=config.device,
+            dtype=config.dtype,
+            batch_size=config.caption_batch_size,
+            max_new_tokens=config.caption_max_new_tokens,
+            num_beams=config.caption_num_beams,
+        )
+    if config.llm:
+        from .extract import LLMExtractor
+
+        extractor = LLMExtractor.from_pretrained(
+            config.llm,
+            device=config.device,
+            dtype=config.dtype,
+            max_new_tokens=config.llm_max_new_tokens,
+            batch_size=config.llm_batch_size,
+            max_repairs=config.llm_max_repairs,
+        )
+    return Annotator(class_names, captioner=captioner, extractor=extractor, segmenter=segmenter)
+
+
+def annotate_split(
+    annotator: Annotator,
+    cache: _SampleCache,
+    indices: list[int],
+    writer: DatasetWriter,
+    config: GenerateConfig,
+) -> None:
+    """Caption, phrases and masks for the originals of one split, ``--annotate-chunk`` at a time.
+
+    Annotations go into ``cache`` (every later read of a sample carries them), rejections and phrase
+    masks into ``writer``. Unreadable inputs are skipped here; the main loop records them.
+    """
+    split = cache.split
+    bar = tqdm(total=len(indices), desc=f"describe {split}", disable=not config.progress, unit="img")
+    for s in range(0, len(indices), config.annotate_chunk):
+        chunk = indices[s : s + config.annotate_chunk]
+        loaded: list[tuple[int, Sample]] = []
+        for index in chunk:
+            try:
+                loaded.append((index, cache.get(index)))
+            except RejectedInput:
+                continue
+        annotations, rejections, phrase_masks = annotator([sample for _, sample in loaded])
+        for (index, _), annotation in zip(loaded, annotations, strict=True):
+            cache.annotate(index, annotation)
+        for rid, stage, reason in rejections:
+            writer.reject(rid, split, stage, reason)
+        for pm in phrase_masks:
+            writer.add_phrase_mask(split, pm.id, pm.phrase, pm.mask, pm.boxes, pm.scores)
+        bar.update(len(chunk))
+    bar.close()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -402,6 +557,96 @@ def build_parser() -> argparse.ArgumentParser:
         default=180.0,
         help="objects are rotated by up to this many degrees either way",
     )
+    g = p.add_argument_group(
+        "captions (stage 1 of the language and segmentation stage)",
+        "Without --captioner the dataset's own captions are used, else 'a photo of a {label}'.",
+    )
+    g.add_argument(
+        "--captioner",
+        metavar="ID_OR_PATH",
+        help="transformers image-to-text model, e.g. Salesforce/blip-image-captioning-large, "
+        "microsoft/git-large-coco, or a local folder",
+    )
+    g.add_argument("--caption-batch-size", type=int, default=16, help="images per captioning batch")
+    g.add_argument("--caption-max-new-tokens", type=int, default=30, help="caption length limit")
+    g.add_argument("--caption-num-beams", type=int, default=1, help="1 = greedy; >1 = beam search")
+    g = p.add_argument_group(
+        "phrases (stage 2)",
+        "Foreground, background and alternative-background phrases per image. Without --llm a "
+        "deterministic caption parser: the label word is the object, the words after "
+        "on/in/at/near/with/under are the background.",
+    )
+    g.add_argument(
+        "--llm",
+        metavar="ID_OR_PATH",
+        help="transformers chat LLM, e.g. Qwen/Qwen2.5-1.5B-Instruct, or a local folder; prompt "
+        "from prompts/extract_v1.json",
+    )
+    g.add_argument("--llm-batch-size", type=int, default=8, help="conversations per generate call")
+    g.add_argument("--llm-max-new-tokens", type=int, default=96, help="answer length limit")
+    g.add_argument(
+        "--llm-max-repairs",
+        type=int,
+        default=2,
+        help="times a bad answer is sent back with the reason before the caption parser takes over",
+    )
+    g = p.add_argument_group(
+        "masks (stage 3)",
+        "given: the source's masks. sam: SAM prompted with a box from the given mask (or from "
+        "--detector for images without one). grounded: --detector finds boxes for the label and "
+        "each foreground phrase, SAM turns them into masks (per-phrase masks go to the "
+        "phrase_masks configuration).",
+    )
+    g.add_argument("--mask-source", choices=MASK_SOURCES, default="given", help="where masks come from")
+    g.add_argument(
+        "--sam", metavar="ID_OR_PATH", help="transformers SAM, e.g. facebook/sam-vit-base, or a folder"
+    )
+    g.add_argument(
+        "--sam-checkpoint",
+        metavar="PATH",
+        help="an original segment-anything checkpoint (sam_vit_h_4b8939.pth, ...) instead of --sam",
+    )
+    g.add_argument(
+        "--sam-type", default="vit_h", choices=["vit_h", "vit_l", "vit_b"], help="--sam-checkpoint's type"
+    )
+    g.add_argument(
+        "--detector",
+        metavar="ID_OR_PATH",
+        help="text-grounded detector: google/owlv2-base-patch16-ensemble, "
+        "IDEA-Research/grounding-dino-tiny, or a folder",
+    )
+    g.add_argument("--box-threshold", type=float, default=0.1, help="lowest detector score kept")
+    g.add_argument("--max-boxes", type=int, default=4, help="boxes kept per phrase (best first)")
+    g.add_argument("--segment-batch-size", type=int, default=8, help="images per SAM/detector batch")
+    g.add_argument("--no-fill-holes", dest="fill_holes", action="store_false", help="keep holes in SAM masks")
+    g.add_argument("--dilate", type=int, default=0, help="grow SAM masks by this many pixels")
+    g.add_argument(
+        "--min-mask-area",
+        type=float,
+        default=0.005,
+        help="reject an image whose mask covers less than this fraction of it",
+    )
+    g.add_argument(
+        "--max-mask-area",
+        type=float,
+        default=0.95,
+        help="reject an image whose mask covers more than this fraction of it",
+    )
+    g = p.add_argument_group("running the models")
+    g.add_argument(
+        "--device", help="torch device for all models (default: Accelerate's, a GPU when there is one)"
+    )
+    g.add_argument(
+        "--dtype",
+        choices=["float32", "float16", "bfloat16"],
+        help="model precision (default: bfloat16 on a GPU, float32 on a CPU)",
+    )
+    g.add_argument(
+        "--annotate-chunk",
+        type=int,
+        default=256,
+        help="originals described per round (each model batches within it)",
+    )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
 
@@ -415,7 +660,7 @@ def cli(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         summary = run(config)
-    except (FileNotFoundError, FileExistsError, ValueError, RuntimeError) as e:
+    except (OSError, ValueError, RuntimeError) as e:  # OSError: a model id or folder that cannot load
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))

@@ -18,8 +18,6 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from prompts import CAPTION_LABEL, render
-
 from .base import RejectedInput, Sample, Source
 
 SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
@@ -200,7 +198,7 @@ class ImageFolderSource(Source):
             label=label,
             mask=mask,
             bg_label=-1,
-            caption=render(CAPTION_LABEL, label=self.class_names[label]),
+            caption="",  # a folder has no captions; the generation job makes one (describe.py)
             path=str(path),
             meta={"object": self.class_names[label], "file": str(rel)},
         )
