@@ -32,11 +32,11 @@ from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, render
 from .annotate import Annotation, Annotator
 from .dataset import DatasetWriter, Row
 from .seeding import item_rng, item_seed
+from .segment import MASK_SOURCES
 from .sources import RejectedInput, Sample, Source, build_source
 from .synthesize.composite import CompositeGenerator
 
 NEGATIVE_KINDS = ("remove", "replace")
-MASK_SOURCES = ("given", "sam", "grounded")
 
 
 @dataclass
@@ -660,7 +660,8 @@ def cli(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     try:
         summary = run(config)
-    except (OSError, ValueError, RuntimeError) as e:  # OSError: a model id or folder that cannot load
+    # OSError: a model id or folder that cannot load; ImportError: segment-anything not installed
+    except (OSError, ImportError, ValueError, RuntimeError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
     print(json.dumps(summary, indent=2))
