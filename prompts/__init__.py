@@ -18,12 +18,14 @@ __all__ = [
     "CAPTION_LABEL",
     "CAPTION_BACKGROUND",
     "EXTRACT",
+    "EDIT_BACKGROUND",
 ]
 
 CAPTION_SCENE = "caption_scene_v1"  # a photo of a {object} on {background}
 CAPTION_LABEL = "caption_label_v1"  # a photo of a {label}
 CAPTION_BACKGROUND = "caption_background_v1"  # a photo of {background}
 EXTRACT = "extract_v1"  # the LLM's phrase extraction: system, user, repair messages and few-shot examples
+EDIT_BACKGROUND = "edit_background_v1"  # ASPIRE: turn the background of {background} into {alt}
 
 
 def _file(name: str, ext: str):
