@@ -13,6 +13,7 @@ from pathlib import Path
 __all__ = [
     "CHAT_TEMPLATE",
     "build_tiny_captioner",
+    "build_tiny_clip",
     "build_tiny_chat_llm",
     "build_tiny_sam",
     "build_tiny_owlv2",
@@ -207,6 +208,39 @@ def _tiny_clip_tokenizer(max_length: int = 16):
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=max_length)
 
 
+def _clip_towers(tokenizer, max_length: int, image_size: int, patch_size: int) -> dict:
+    """Text and vision tower configs (hidden 32, 2 layers, 4 heads) of a tiny CLIP-family model."""
+    tower = {"hidden_size": 32, "intermediate_size": 37, "num_hidden_layers": 2, "num_attention_heads": 4}
+    text = {
+        **tower,
+        "vocab_size": len(tokenizer),
+        "max_position_embeddings": max_length,
+        "pad_token_id": tokenizer.pad_token_id,
+        "bos_token_id": tokenizer.bos_token_id,
+        "eos_token_id": tokenizer.eos_token_id,
+    }
+    return {
+        "text_config": text,
+        "vision_config": {**tower, "image_size": image_size, "patch_size": patch_size},
+    }
+
+
+def build_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32) -> str:
+    """A ``CLIPModel`` (towers of hidden 32, 2 layers, patch 8, projection 16) with its tiny tokenizer
+    (32 tokens) and a PIL image processor, saved to ``path``."""
+    import torch
+    from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel
+
+    tokenizer = _tiny_clip_tokenizer(max_length=32)
+    torch.manual_seed(seed)
+    config = CLIPConfig(**_clip_towers(tokenizer, 32, image_size, patch_size=8), projection_dim=16)
+    CLIPModel(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    size = {"height": image_size, "width": image_size}
+    CLIPImageProcessorPil(size={"shortest_edge": image_size}, crop_size=size).save_pretrained(path)
+    return str(path)
+
+
 def build_tiny_owlv2(path: str | Path, seed: int = 0, image_size: int = 64) -> str:
     """An ``Owlv2ForObjectDetection`` (text and vision towers of hidden 32, 2 layers; patch 16, so
     ``(image_size / 16)^2`` boxes per image) with an ``Owlv2Processor`` (PIL image backend, a tiny CLIP
@@ -216,28 +250,7 @@ def build_tiny_owlv2(path: str | Path, seed: int = 0, image_size: int = 64) -> s
 
     tokenizer = _tiny_clip_tokenizer(max_length=16)
     torch.manual_seed(seed)
-    config = Owlv2Config(
-        text_config=dict(
-            vocab_size=len(tokenizer),
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            max_position_embeddings=16,
-            pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id,
-            eos_token_id=tokenizer.eos_token_id,
-        ),
-        vision_config=dict(
-            hidden_size=32,
-            intermediate_size=37,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            image_size=image_size,
-            patch_size=16,
-        ),
-        projection_dim=32,
-    )
+    config = Owlv2Config(**_clip_towers(tokenizer, 16, image_size, patch_size=16), projection_dim=32)
     processor = Owlv2Processor(
         image_processor=Owlv2ImageProcessorPil(size={"height": image_size, "width": image_size}),
         tokenizer=tokenizer,
