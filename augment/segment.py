@@ -994,3 +994,76 @@ class Segmenter:
             box_threshold=box_threshold,
             max_boxes=max_boxes,
         )
+
+
+# ----------------------------------------------------------------------------------------------
+# command-line flags shared by generate.py and personalize.py
+
+
+def add_mask_arguments(group, choices: Sequence[str], default: str, what: str = "label") -> None:
+    """The mask flags (``--mask-source``, ``--sam``, ``--detector``, post-processing) on an argparse group.
+
+    ``choices``: the mask sources the command accepts (``given`` / ``none`` plus :data:`MODES`);
+    ``what``: what the detector is asked for (named in the help).
+    """
+    group.add_argument("--mask-source", choices=list(choices), default=default, help="where masks come from")
+    group.add_argument(
+        "--sam", metavar="ID_OR_PATH", help="transformers SAM, e.g. facebook/sam-vit-base, or a folder"
+    )
+    group.add_argument(
+        "--sam-checkpoint",
+        metavar="PATH",
+        help="an original segment-anything checkpoint (sam_vit_h_4b8939.pth, ...) instead of --sam",
+    )
+    group.add_argument(
+        "--sam-type", default="vit_h", choices=sorted(SEGMENT_ANYTHING_TYPES), help="--sam-checkpoint's type"
+    )
+    group.add_argument(
+        "--detector",
+        metavar="ID_OR_PATH",
+        help=f"text-grounded detector that finds the {what}'s boxes: google/owlv2-base-patch16-ensemble, "
+        "IDEA-Research/grounding-dino-tiny, or a folder",
+    )
+    group.add_argument("--box-threshold", type=float, default=0.1, help="lowest detector score kept")
+    group.add_argument("--max-boxes", type=int, default=4, help="boxes kept per query (best first)")
+    group.add_argument("--segment-batch-size", type=int, default=8, help="images per SAM/detector batch")
+    group.add_argument("--no-fill-holes", dest="fill_holes", action="store_false", help="keep holes in masks")
+    group.add_argument("--dilate", type=int, default=0, help="grow masks by this many pixels")
+    group.add_argument(
+        "--min-mask-area",
+        type=float,
+        default=0.005,
+        help="reject an image whose mask covers less than this fraction of it",
+    )
+    group.add_argument(
+        "--max-mask-area",
+        type=float,
+        default=0.95,
+        help="reject an image whose mask covers more than this fraction of it",
+    )
+
+
+def segmenter_from_config(config, mask_source: str | None = None) -> Segmenter | None:
+    """:meth:`Segmenter.from_flags` with the attributes :func:`add_mask_arguments` sets (and
+    ``device``/``dtype``) read from ``config``; None when the mask source needs no model."""
+    source = mask_source if mask_source is not None else config.mask_source
+    if source not in MODES:
+        return None
+    return Segmenter.from_flags(
+        source,
+        sam=config.sam,
+        detector=config.detector,
+        sam_checkpoint=config.sam_checkpoint,
+        sam_type=config.sam_type,
+        device=config.device,
+        dtype=config.dtype,
+        post=PostProcess(
+            fill_holes=config.fill_holes,
+            dilate=config.dilate,
+            min_area=config.min_mask_area,
+            max_area=config.max_mask_area,
+        ),
+        batch_size=getattr(config, "segment_batch_size", 8),
+        box_threshold=config.box_threshold,
+        max_boxes=config.max_boxes,
+    )
