@@ -25,18 +25,21 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+from PIL import Image
 from tqdm.auto import tqdm
 
 from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, render
 
 from .annotate import Annotation, Annotator
 from .dataset import DatasetWriter, Row
+from .filters import FilterConfig, add_filter_arguments
 from .seeding import item_rng, item_seed
-from .segment import MASK_SOURCES
+from .segment import MASK_SOURCES, add_mask_arguments, segmenter_from_config
 from .sources import RejectedInput, Sample, Source, build_source
 from .synthesize.composite import CompositeGenerator
 
 NEGATIVE_KINDS = ("remove", "replace")
+POSITIVE_GENERATORS = ("composite", "inpaint", "edit")
 
 
 @dataclass
@@ -85,7 +88,24 @@ class GenerateConfig:
     dilate: int = 0
     min_mask_area: float = 0.005
     max_mask_area: float = 0.95
-    annotate_chunk: int = 256
+    chunk_size: int = 256
+    # diffusion counterfactuals (augment/synthesize/inpaint.py, edit.py)
+    negative_generator: str = "composite"
+    edit_kind: str = "instruct"
+    inpaint_model: str = "stabilityai/stable-diffusion-2-inpainting"
+    edit_model: str = "timbrooks/instruct-pix2pix"
+    img2img_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
+    steps: int | None = None
+    guidance: float | None = None
+    strength: float | None = None
+    image_guidance: float | None = None
+    strengths: list[float] | None = None
+    negative_prompt: str | None = None
+    diffusion_batch_size: int = 4
+    resolution: int | None = None
+    inpaint_dilate: int = 4
+    # filters of diffusion outputs: an augment.filters.FilterConfig (None: its defaults)
+    filters: Any = None
     device: str | None = None
     dtype: str | None = None
     progress: bool = True
@@ -190,13 +210,47 @@ class _SampleCache:
         return item
 
 
+@dataclass
+class _Job:
+    """A derived row waiting for a batched diffusion generator."""
+
+    anchor: Sample
+    row_id: str
+    kind: str  # positive | negative
+    op: str  # positive | remove | replace | swap | img2img
+    prompt: str
+    label: int
+    bg_label: int
+    caption: str
+    bg_phrases: list[str]
+    extra: dict[str, Any]
+    alt: str = ""
+    strengths: tuple[float, ...] = ()
+
+
 class CounterfactualBuilder:
-    """Chooses partners (backgrounds, objects) for an anchor and runs the generator on them."""
+    """Chooses partners (backgrounds, objects, prompts) for anchors and runs the generators on them.
+
+    ``positive_generator`` / ``negative_generator``: a diffusion generator
+    (:class:`~augment.synthesize.inpaint.InpaintGenerator`, an edit generator) or None for the
+    cut-and-paste :class:`~augment.synthesize.composite.CompositeGenerator`. Diffusion jobs of a chunk
+    of anchors are collected first and run together, so the generator sees full batches; each row's
+    seed depends only on ``(--seed, row id)``. ``filters`` (:class:`~augment.filters.Filters`) check
+    every diffusion output; a refused image is a ``filter`` rejection with the reason.
+    """
 
     max_partner_attempts = 16
 
     def __init__(
-        self, source: Source, split: str, indices: list[int], config: GenerateConfig, cache: _SampleCache
+        self,
+        source: Source,
+        split: str,
+        indices: list[int],
+        config: GenerateConfig,
+        cache: _SampleCache,
+        positive_generator=None,
+        negative_generator=None,
+        filters=None,
     ):
         self.source, self.split, self.config = source, split, config
         labels = source.labels(split)
@@ -204,6 +258,11 @@ class CounterfactualBuilder:
         self.pool_labels = labels[self.pool]
         self.cache = cache
         self.generator = CompositeGenerator()
+        self.positive_generator = positive_generator
+        self.negative_generator = negative_generator
+        self.filters = filters
+        # with a diffusion generator, anchors are built a chunk at a time (full batches)
+        self.batched = positive_generator is not None or negative_generator is not None
 
     def _partner(self, anchor: Sample, role: str) -> tuple[Sample | None, str]:
         """A usable item of another class with a mask, chosen by the row's own seed."""
@@ -225,32 +284,70 @@ class CounterfactualBuilder:
             return partner, ""
         return None, f"no usable partner with a mask among {len(tried)} tried ({role})"
 
+    def _name(self, sample: Sample) -> str:
+        return sample.meta.get("object", self.source.class_names[sample.label])
+
     def build(self, anchor: Sample) -> tuple[list[Row], list[tuple[str, str, str]]]:
         """Rows derived from ``anchor`` and rejections ``(id, stage, reason)``."""
+        return self.build_chunk([anchor])
+
+    def build_chunk(self, anchors: list[Sample]) -> tuple[list[Row], list[tuple[str, str, str]]]:
+        """Rows derived from each anchor (composite rows first, then diffusion rows) and rejections."""
         rows: list[Row] = []
         rejections: list[tuple[str, str, str]] = []
-        where = anchor.path or anchor.id
-        if anchor.mask is None and anchor.meta.get("mask_error"):
-            return rows, []  # the segmentation stage has recorded why there is no mask
-        if anchor.mask is None:
-            return rows, [
-                (
-                    anchor.id,
-                    "composite",
-                    f"{where}: no foreground mask, so no counterfactuals (give --mask-dir)",
+        jobs: list[_Job] = []
+        for anchor in anchors:
+            where = anchor.path or anchor.id
+            if anchor.mask is None and anchor.meta.get("mask_error"):
+                continue  # the segmentation stage has recorded why there is no mask
+            if anchor.mask is None:
+                rejections.append(
+                    (
+                        anchor.id,
+                        "composite",
+                        f"{where}: no foreground mask, so no counterfactuals (give --mask-dir)",
+                    )
                 )
-            ]
-        if not np.asarray(anchor.mask).any():
-            return rows, [
-                (anchor.id, "composite", f"{where}: the foreground mask is empty, so no counterfactuals")
-            ]
-        obj_name = anchor.meta.get("object", self.source.class_names[anchor.label])
-        for k in range(self.config.num_positives):
-            row_id = f"{anchor.id}/positive/{k}"
+                continue
+            if not np.asarray(anchor.mask).any():
+                rejections.append(
+                    (anchor.id, "composite", f"{where}: the foreground mask is empty, so no counterfactuals")
+                )
+                continue
+            for k in range(self.config.num_positives):
+                self._plan_positive(anchor, k, rows, rejections, jobs)
+            for k, neg in enumerate(self.config.negatives):
+                self._plan_negative(anchor, k, neg, rows, rejections, jobs)
+        if jobs:
+            more, refused = self._run(jobs)
+            rows += more
+            rejections += refused
+        return rows, rejections
+
+    # -- planning -------------------------------------------------------------------------------
+    def _alt_background(self, anchor: Sample, k: int) -> tuple[str | None, int, dict[str, Any], str]:
+        """The new background of positive ``k``: the anchor's k-th alternative-background phrase, else
+        the background of a partner of another class; returns (phrase, bg_label, recipe extra, why not)."""
+        alts = anchor.meta.get("alt_phrases") or []
+        if alts:
+            return alts[k % len(alts)], -1, {"alt_source": "alt_phrases"}, ""
+        partner, why = self._partner(anchor, f"positive/{k}")
+        if partner is None:
+            return None, -1, {}, why
+        name = background_name(partner)
+        if not name:
+            return None, -1, {}, f"partner {partner.id} has no background phrase to prompt with"
+        return name, background_class(partner), {"background_source_id": partner.id}, ""
+
+    def _plan_positive(self, anchor, k, rows, rejections, jobs) -> None:
+        row_id = f"{anchor.id}/positive/{k}"
+        where = anchor.path or anchor.id
+        gen = self.positive_generator
+        if gen is None:
             partner, why = self._partner(anchor, f"positive/{k}")
             if partner is None:
                 rejections.append((row_id, "composite", f"{where}: {why}"))
-                continue
+                return
             out = self.generator(
                 background_image=[partner.image],
                 background_mask=[partner.mask],
@@ -266,7 +363,7 @@ class CounterfactualBuilder:
                     bg_label=background_class(partner),
                     kind="positive",
                     source_id=anchor.id,
-                    caption=scene_caption(obj_name, background_name(partner)),
+                    caption=scene_caption(self._name(anchor), background_name(partner)),
                     bg_phrases=list(partner.meta.get("bg_phrases", [])),
                     recipe={
                         **out.recipes[0],
@@ -275,46 +372,168 @@ class CounterfactualBuilder:
                     },
                 )
             )
-        for k, neg in enumerate(self.config.negatives):
-            row_id = f"{anchor.id}/negative/{k}"
-            bg_name = background_name(anchor)
-            if neg == "remove":
-                out = self.generator(background_image=[anchor.image], background_mask=[anchor.mask])
-                label, mask, extra = -1, out.masks[0], {}
-                caption = render(CAPTION_BACKGROUND, background=bg_name) if bg_name else ""
-            else:
-                partner, why = self._partner(anchor, f"negative/{k}")
-                if partner is None:
-                    rejections.append((row_id, "composite", f"{where}: {why}"))
-                    continue
-                out = self.generator(
-                    background_image=[anchor.image],
-                    background_mask=[anchor.mask],
-                    image=[partner.image],
-                    mask_image=[partner.mask],
-                    placement="center",
+            return
+        alt, bg_label, extra, why = self._alt_background(anchor, k)
+        if alt is None:
+            rejections.append((row_id, gen.name, f"{where}: {why}"))
+            return
+        common = dict(
+            anchor=anchor,
+            row_id=row_id,
+            kind="positive",
+            label=anchor.label,
+            bg_label=bg_label,
+            caption=scene_caption(self._name(anchor), alt),
+            bg_phrases=[alt],
+            extra=extra,
+        )
+        if gen.name == "instruct-pix2pix":
+            bg = background_name(anchor)
+            if not bg:
+                rejections.append(
+                    (row_id, gen.name, f"{where}: no background phrase to edit (give --llm or captions)")
                 )
-                label, mask, extra = partner.label, out.masks[0], {"object_source_id": partner.id}
-                other = partner.meta.get("object", self.source.class_names[partner.label])
-                caption = scene_caption(other, bg_name)
+                return
+            jobs.append(_Job(op="swap", prompt=bg, alt=alt, **common))
+        elif gen.name == "img2img":
+            jobs.append(
+                _Job(op="img2img", prompt=common["caption"], strengths=tuple(gen.strengths), **common)
+            )
+        else:
+            jobs.append(_Job(op="positive", prompt=render(CAPTION_BACKGROUND, background=alt), **common))
+
+    def _plan_negative(self, anchor, k, neg, rows, rejections, jobs) -> None:
+        row_id = f"{anchor.id}/negative/{k}"
+        where = anchor.path or anchor.id
+        bg_name = background_name(anchor)
+        partner = None
+        if neg == "replace":
+            partner, why = self._partner(anchor, f"negative/{k}")
+            if partner is None:
+                stage = "composite" if self.negative_generator is None else self.negative_generator.name
+                rejections.append((row_id, stage, f"{where}: {why}"))
+                return
+        if self.negative_generator is not None:
+            if neg == "remove":
+                prompt = render(CAPTION_BACKGROUND, background=bg_name or "the background")
+                label, caption, extra = (
+                    -1,
+                    render(CAPTION_BACKGROUND, background=bg_name) if bg_name else "",
+                    {},
+                )
+            else:
+                other = self._name(partner)
+                prompt = render(CAPTION_LABEL, label=other)
+                label, caption = partner.label, scene_caption(other, bg_name)
+                extra = {"object_source_id": partner.id}
+            jobs.append(
+                _Job(
+                    anchor=anchor,
+                    row_id=row_id,
+                    kind="negative",
+                    op=neg,
+                    prompt=prompt,
+                    label=label,
+                    bg_label=background_class(anchor),
+                    caption=caption,
+                    bg_phrases=list(anchor.meta.get("bg_phrases", [])),
+                    extra={**extra, "negative": neg, "background_source_id": anchor.id},
+                )
+            )
+            return
+        if neg == "remove":
+            out = self.generator(background_image=[anchor.image], background_mask=[anchor.mask])
+            label, extra = -1, {}
+            caption = render(CAPTION_BACKGROUND, background=bg_name) if bg_name else ""
+        else:
+            out = self.generator(
+                background_image=[anchor.image],
+                background_mask=[anchor.mask],
+                image=[partner.image],
+                mask_image=[partner.mask],
+                placement="center",
+            )
+            label, extra = partner.label, {"object_source_id": partner.id}
+            caption = scene_caption(self._name(partner), bg_name)
+        rows.append(
+            Row(
+                id=row_id,
+                image=out.images[0],
+                mask=out.masks[0],
+                label=label,
+                bg_label=background_class(anchor),
+                kind="negative",
+                source_id=anchor.id,
+                caption=caption,
+                bg_phrases=list(anchor.meta.get("bg_phrases", [])),
+                recipe={
+                    **out.recipes[0],
+                    **extra,
+                    "negative": neg,
+                    "background_source_id": anchor.id,
+                    "seed": item_seed(self.config.seed, row_id),
+                },
+            )
+        )
+
+    # -- running --------------------------------------------------------------------------------
+    def _run(self, jobs: list[_Job]) -> tuple[list[Row], list[tuple[str, str, str]]]:
+        """Run the diffusion jobs, one generator call per operation, then filter and make rows."""
+        made: list[tuple[_Job, Any, Any, dict[str, Any], str]] = []  # job, image, mask, recipe, row id
+        for op in ("positive", "swap", "img2img", "remove", "replace"):
+            group = [j for j in jobs if j.op == op]
+            if not group:
+                continue
+            gen = self.positive_generator if group[0].kind == "positive" else self.negative_generator
+            images = [j.anchor.image for j in group]
+            masks = [j.anchor.mask for j in group]
+            seeds = [item_seed(self.config.seed, j.row_id) for j in group]
+            prompts = [j.prompt for j in group]
+            if op == "swap":
+                out = gen.swap_background(images, masks, prompts, [j.alt for j in group], seeds)
+            elif op == "img2img":
+                out = gen.positive(images, masks, prompts, seeds)
+            else:
+                out = getattr(gen, op)(images, masks, prompts, seeds)
+            per_job = len(out.images) // len(group)
+            for i, job in enumerate(group):
+                for s in range(per_job):
+                    o = i * per_job + s
+                    row_id = job.row_id
+                    if per_job > 1:  # img2img: one row per strength
+                        base, k = row_id.rsplit("/", 1)
+                        row_id = f"{base}/{int(k) * per_job + s}"
+                    made.append((job, out.images[o], out.masks[o], out.recipes[o], row_id))
+        reasons: list[str | None] = [None] * len(made)
+        if self.filters is not None and made:
+            reasons = self.filters(
+                [m[1] for m in made],
+                [m[0].label for m in made],
+                list(self.source.class_names),
+                [m[2] for m in made],
+                [m[0].anchor.mask for m in made],
+                [m[3] for m in made],
+                anchor_images=[m[0].anchor.image for m in made],
+            )
+        rows, rejections = [], []
+        for (job, image, mask, recipe, row_id), reason in zip(made, reasons, strict=True):
+            if reason is not None:
+                rejections.append((row_id, "filter", f"{job.anchor.path or job.anchor.id}: {reason}"))
+                continue
+            if isinstance(mask, np.ndarray):
+                mask = Image.fromarray(mask.astype(np.uint8) * 255, mode="L")
             rows.append(
                 Row(
                     id=row_id,
-                    image=out.images[0],
+                    image=image,
                     mask=mask,
-                    label=label,
-                    bg_label=background_class(anchor),
-                    kind="negative",
-                    source_id=anchor.id,
-                    caption=caption,
-                    bg_phrases=list(anchor.meta.get("bg_phrases", [])),
-                    recipe={
-                        **out.recipes[0],
-                        **extra,
-                        "negative": neg,
-                        "background_source_id": anchor.id,
-                        "seed": item_seed(self.config.seed, row_id),
-                    },
+                    label=job.label,
+                    bg_label=job.bg_label,
+                    kind=job.kind,
+                    source_id=job.anchor.id,
+                    caption=job.caption,
+                    bg_phrases=job.bg_phrases,
+                    recipe={**recipe, **job.extra},
                 )
             )
         return rows, rejections
@@ -344,18 +563,30 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     """Run the generation job; returns the writer's summary (counts per split, kind and stage)."""
     if config.num_positives < 0:
         raise ValueError(f"--num-positives must be >= 0, got {config.num_positives}")
+    if "inpaint" in config.negatives:  # --negatives inpaint: both kinds, made by inpainting
+        config.negatives = [n for n in config.negatives if n != "inpaint"] or list(NEGATIVE_KINDS)
+        config.negative_generator = "inpaint"
     bad = [n for n in config.negatives if n not in NEGATIVE_KINDS]
     if bad:
-        raise ValueError(f"--negatives: unknown kind(s) {bad}; choose from {list(NEGATIVE_KINDS)}")
-    if config.positives != "composite":
-        raise ValueError(f"--positives {config.positives!r} is not available; this version has: composite")
+        raise ValueError(
+            f"--negatives: unknown kind(s) {bad}; choose from {list(NEGATIVE_KINDS)} (or 'inpaint')"
+        )
+    if config.positives not in POSITIVE_GENERATORS:
+        raise ValueError(f"--positives must be one of {list(POSITIVE_GENERATORS)}, got {config.positives!r}")
+    if config.negative_generator not in ("composite", "inpaint"):
+        raise ValueError(
+            f"--negative-generator must be composite or inpaint, got {config.negative_generator!r}"
+        )
+    if config.edit_kind not in ("instruct", "img2img"):
+        raise ValueError(f"--edit-kind must be instruct or img2img, got {config.edit_kind!r}")
     if config.limit is not None and config.limit < 1:
         raise ValueError(f"--limit must be >= 1, got {config.limit}")
-    if config.annotate_chunk < 1:
-        raise ValueError(f"--annotate-chunk must be >= 1, got {config.annotate_chunk}")
+    if config.chunk_size < 1:
+        raise ValueError(f"--chunk-size must be >= 1, got {config.chunk_size}")
     source = build_source(config.source, **config.source_kwargs())
     start = time.perf_counter()
     annotator = build_annotator(config, source.class_names)  # loads models: fail before writing
+    positive_gen, negative_gen, filters = build_generators(config)
     writer = DatasetWriter(
         config.output, source.class_names, shard_size=config.shard_size, overwrite=config.overwrite
     )
@@ -366,30 +597,37 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         cache = _SampleCache(source, split)
         annotate_split(annotator, cache, indices, writer, config)
         builder = (
-            CounterfactualBuilder(source, split, indices, config, cache)
+            CounterfactualBuilder(source, split, indices, config, cache, positive_gen, negative_gen, filters)
             if split in config.counterfactual_splits
             else None
         )
-        for index in tqdm(indices, desc=f"generate {split}", disable=not config.progress, unit="img"):
-            item_id = source.item_id(split, index)
-            try:
-                sample = cache.get(index)
-            except RejectedInput as e:
-                writer.reject(item_id, split, e.stage, e.reason)
-                continue
-            writer.add(split, original_row(sample))
-            if builder is None:
-                continue
-            rows, rejections = builder.build(sample)
-            for row in rows:
-                writer.add(split, row)
-            for rid, stage, reason in rejections:
-                writer.reject(rid, split, stage, reason)
+        bar = tqdm(total=len(indices), desc=f"generate {split}", disable=not config.progress, unit="img")
+        for s in range(0, len(indices), config.chunk_size):
+            anchors = []
+            for index in indices[s : s + config.chunk_size]:
+                try:
+                    sample = cache.get(index)
+                except RejectedInput as e:
+                    writer.reject(source.item_id(split, index), split, e.stage, e.reason)
+                    continue
+                writer.add(split, original_row(sample))
+                anchors.append(sample)
+                if builder is not None and not builder.batched:  # cut-and-paste: rows right after
+                    write_rows(writer, split, *builder.build(sample))
+            if builder is not None and builder.batched:  # diffusion: the chunk's jobs together
+                write_rows(writer, split, *builder.build_chunk(anchors))
+            bar.update(min(config.chunk_size, len(indices) - s))
+        bar.close()
     settings = {
         **asdict(config),
         **source.describe(),
         "generator": config.positives,
         "annotation": annotator.describe(),
+        "generators": {
+            "positives": positive_gen.describe() if positive_gen is not None else {"generator": "composite"},
+            "negatives": negative_gen.describe() if negative_gen is not None else {"generator": "composite"},
+            "filters": filters.describe() if filters is not None else None,
+        },
     }
     settings.pop("progress", None)
     summary = writer.close(
@@ -408,6 +646,69 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     return summary
 
 
+def write_rows(
+    writer: DatasetWriter, split: str, rows: list[Row], rejections: list[tuple[str, str, str]]
+) -> None:
+    for row in rows:
+        writer.add(split, row)
+    for rid, stage, reason in rejections:
+        writer.reject(rid, split, stage, reason)
+
+
+def build_generators(config: GenerateConfig):
+    """The diffusion generators (None = cut-and-paste) and the filters of their outputs.
+
+    One inpainting pipeline serves positives and negatives when both use it.
+    """
+    knobs = {
+        k: v
+        for k, v in {
+            "steps": config.steps,
+            "guidance": config.guidance,
+            "negative_prompt": config.negative_prompt,
+            "batch_size": config.diffusion_batch_size,
+            "resolution": config.resolution,
+        }.items()
+        if v is not None
+    }
+    common = {"device": config.device, "dtype": config.dtype}
+    inpaint = None
+
+    def inpainter():
+        nonlocal inpaint
+        if inpaint is None:
+            from .synthesize.inpaint import InpaintGenerator
+
+            extra = {"strength": config.strength} if config.strength is not None else {}
+            inpaint = InpaintGenerator.from_pretrained(
+                config.inpaint_model, **common, **knobs, **extra, dilate=config.inpaint_dilate
+            )
+        return inpaint
+
+    positive = negative = None
+    if config.positives == "inpaint":
+        positive = inpainter()
+    elif config.positives == "edit" and config.edit_kind == "instruct":
+        from .synthesize.edit import InstructEditGenerator
+
+        extra = {"image_guidance": config.image_guidance} if config.image_guidance is not None else {}
+        knobs_edit = {k: v for k, v in knobs.items() if k != "negative_prompt"}
+        positive = InstructEditGenerator.from_pretrained(config.edit_model, **common, **knobs_edit, **extra)
+    elif config.positives == "edit":
+        from .synthesize.edit import Img2ImgGenerator
+
+        extra = {"strengths": tuple(config.strengths)} if config.strengths else {}
+        positive = Img2ImgGenerator.from_pretrained(config.img2img_model, **common, **knobs, **extra)
+    if config.negative_generator == "inpaint" and config.negatives:
+        negative = inpainter()
+    filters = None
+    if positive is not None or negative is not None:
+        from .filters import Filters
+
+        filters = Filters.from_config(config.filters, device=config.device)
+    return positive, negative, filters
+
+
 def build_annotator(config: GenerateConfig, class_names: list[str]) -> Annotator:
     """The caption / extract / segment models the flags ask for, loaded once for the whole run."""
     if config.mask_source not in MASK_SOURCES:
@@ -417,29 +718,7 @@ def build_annotator(config: GenerateConfig, class_names: list[str]) -> Annotator
             "--sam/--sam-checkpoint/--detector are only used with --mask-source sam or grounded; "
             "with --mask-source given the source's masks are used"
         )
-    segmenter = None
-    if config.mask_source != "given":  # first: its flag errors are found before the LLM loads
-        from .segment import PostProcess, Segmenter
-
-        post = PostProcess(
-            fill_holes=config.fill_holes,
-            dilate=config.dilate,
-            min_area=config.min_mask_area,
-            max_area=config.max_mask_area,
-        )
-        segmenter = Segmenter.from_flags(
-            config.mask_source,
-            sam=config.sam,
-            detector=config.detector,
-            sam_checkpoint=config.sam_checkpoint,
-            sam_type=config.sam_type,
-            device=config.device,
-            dtype=config.dtype,
-            post=post,
-            batch_size=config.segment_batch_size,
-            box_threshold=config.box_threshold,
-            max_boxes=config.max_boxes,
-        )
+    segmenter = segmenter_from_config(config)  # first: its flag errors show before the LLM loads
     captioner = extractor = None
     if config.captioner:
         from .describe import Captioner
@@ -473,15 +752,15 @@ def annotate_split(
     writer: DatasetWriter,
     config: GenerateConfig,
 ) -> None:
-    """Caption, phrases and masks for the originals of one split, ``--annotate-chunk`` at a time.
+    """Caption, phrases and masks for the originals of one split, ``--chunk-size`` at a time.
 
     Annotations go into ``cache`` (every later read of a sample carries them), rejections and phrase
     masks into ``writer``. Unreadable inputs are skipped here; the main loop records them.
     """
     split = cache.split
     bar = tqdm(total=len(indices), desc=f"describe {split}", disable=not config.progress, unit="img")
-    for s in range(0, len(indices), config.annotate_chunk):
-        chunk = indices[s : s + config.annotate_chunk]
+    for s in range(0, len(indices), config.chunk_size):
+        chunk = indices[s : s + config.chunk_size]
         loaded: list[tuple[int, Sample]] = []
         for index in chunk:
             try:
@@ -535,13 +814,27 @@ def build_parser() -> argparse.ArgumentParser:
         default=["train"],
         help="splits that get positives and negatives",
     )
-    p.add_argument("--positives", default="composite", choices=["composite"], help="positive generator")
+    p.add_argument(
+        "--positives",
+        default="composite",
+        choices=POSITIVE_GENERATORS,
+        help="positive generator: composite (cut-and-paste onto another class's background), inpaint "
+        "(keep the object, repaint the background from an alternative-background phrase), edit "
+        "(--edit-kind instruct: 'turn the background of {bg} into {alt}'; img2img: DA-Fusion strengths)",
+    )
     p.add_argument("--num-positives", type=int, default=1, help="positives per original")
     p.add_argument(
         "--negatives",
         nargs="*",
         default=list(NEGATIVE_KINDS),
-        help="negative kinds per original: remove (object removed), replace (another class's object)",
+        help="negative kinds per original: remove (object removed), replace (another class's object); "
+        "'inpaint' alone means both, made by --negative-generator inpaint",
+    )
+    p.add_argument(
+        "--negative-generator",
+        default="composite",
+        choices=["composite", "inpaint"],
+        help="how negatives are made: tile-fill / paste, or inpainting the object (its box for replace)",
     )
     p.add_argument("--shard-size", type=int, default=2000, help="rows per parquet shard")
     g = p.add_argument_group("synthetic source")
@@ -597,41 +890,39 @@ def build_parser() -> argparse.ArgumentParser:
         "each foreground phrase, SAM turns them into masks (per-phrase masks go to the "
         "phrase_masks configuration).",
     )
-    g.add_argument("--mask-source", choices=MASK_SOURCES, default="given", help="where masks come from")
-    g.add_argument(
-        "--sam", metavar="ID_OR_PATH", help="transformers SAM, e.g. facebook/sam-vit-base, or a folder"
+    add_mask_arguments(g, MASK_SOURCES, "given")
+    g = p.add_argument_group(
+        "diffusion (--positives inpaint|edit, --negative-generator inpaint)",
+        "Any diffusers pipeline id or folder. Each image's seed comes from --seed and its row id, so "
+        "an image does not depend on the batch it falls in. Defaults of steps/guidance/strength are "
+        "the generator's (inpaint 30 steps, guidance 7.5, strength 1.0).",
     )
     g.add_argument(
-        "--sam-checkpoint",
-        metavar="PATH",
-        help="an original segment-anything checkpoint (sam_vit_h_4b8939.pth, ...) instead of --sam",
-    )
-    g.add_argument(
-        "--sam-type", default="vit_h", choices=["vit_h", "vit_l", "vit_b"], help="--sam-checkpoint's type"
-    )
-    g.add_argument(
-        "--detector",
+        "--inpaint-model",
+        default="stabilityai/stable-diffusion-2-inpainting",
         metavar="ID_OR_PATH",
-        help="text-grounded detector: google/owlv2-base-patch16-ensemble, "
-        "IDEA-Research/grounding-dino-tiny, or a folder",
-    )
-    g.add_argument("--box-threshold", type=float, default=0.1, help="lowest detector score kept")
-    g.add_argument("--max-boxes", type=int, default=4, help="boxes kept per phrase (best first)")
-    g.add_argument("--segment-batch-size", type=int, default=8, help="images per SAM/detector batch")
-    g.add_argument("--no-fill-holes", dest="fill_holes", action="store_false", help="keep holes in SAM masks")
-    g.add_argument("--dilate", type=int, default=0, help="grow SAM masks by this many pixels")
-    g.add_argument(
-        "--min-mask-area",
-        type=float,
-        default=0.005,
-        help="reject an image whose mask covers less than this fraction of it",
+        help="inpainting pipeline (AutoPipelineForInpainting), e.g. "
+        "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
     )
     g.add_argument(
-        "--max-mask-area",
-        type=float,
-        default=0.95,
-        help="reject an image whose mask covers more than this fraction of it",
+        "--edit-kind", choices=["instruct", "img2img"], default="instruct", help="--positives edit"
     )
+    g.add_argument("--edit-model", default="timbrooks/instruct-pix2pix", metavar="ID_OR_PATH")
+    g.add_argument(
+        "--img2img-model", default="stable-diffusion-v1-5/stable-diffusion-v1-5", metavar="ID_OR_PATH"
+    )
+    g.add_argument("--steps", type=int, help="denoising steps")
+    g.add_argument("--guidance", type=float, help="classifier-free guidance scale")
+    g.add_argument("--strength", type=float, help="inpainting strength (1.0 = repaint fully)")
+    g.add_argument("--image-guidance", type=float, help="instruct-pix2pix image guidance")
+    g.add_argument("--strengths", type=float, nargs="+", help="img2img strengths (default 0.25 0.5 0.75 1.0)")
+    g.add_argument("--negative-prompt", help="negative prompt (default: the generator's)")
+    g.add_argument("--diffusion-batch-size", type=int, default=4, help="images per pipeline call")
+    g.add_argument("--resolution", type=int, help="working resolution (default: the model's native size)")
+    g.add_argument(
+        "--inpaint-dilate", type=int, default=4, help="pixels added around an object before it is removed"
+    )
+    add_filter_arguments(p)
     g = p.add_argument_group("running the models")
     g.add_argument(
         "--device", help="torch device for all models (default: Accelerate's, a GPU when there is one)"
@@ -642,10 +933,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="model precision (default: bfloat16 on a GPU, float32 on a CPU)",
     )
     g.add_argument(
-        "--annotate-chunk",
+        "--chunk-size",
         type=int,
         default=256,
-        help="originals described per round (each model batches within it)",
+        help="originals per round of description and generation (each model batches within it)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
@@ -653,7 +944,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> GenerateConfig:
     args = build_parser().parse_args(argv)
-    return GenerateConfig(**vars(args))
+    values = {k: v for k, v in vars(args).items() if not k.startswith("filter_")}
+    return GenerateConfig(**values, filters=FilterConfig.from_args(args))
 
 
 def cli(argv: list[str] | None = None) -> int:

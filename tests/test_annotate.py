@@ -66,7 +66,7 @@ def test_captioner_and_garbage_llm_through_the_job(tmp_path, tiny_models, captio
             llm_max_new_tokens=16,
             llm_max_repairs=1,
             device="cpu",
-            annotate_chunk=5,  # several rounds per split
+            chunk_size=5,  # several rounds per split
             **SMALL,
         )
     )
