@@ -39,6 +39,7 @@ from .sources import RejectedInput, Sample, Source, build_source
 from .synthesize.composite import CompositeGenerator
 
 NEGATIVE_KINDS = ("remove", "replace")
+SOURCES = ("folder", "bgchallenge", "hardimagenet", "hub")  # the sources read from --data-dir
 POSITIVE_GENERATORS = ("composite", "inpaint", "edit")
 
 
@@ -51,6 +52,15 @@ class GenerateConfig:
     data_dir: str | None = None
     mask_dir: str | None = None
     classes: list[str] | None = None
+    # bgchallenge / hub sources
+    bg_mask_fallback: str = "none"
+    splits: list[str] | None = None
+    image_column: str = "image"
+    label_column: str = "label"
+    mask_column: str | None = None
+    group_column: str | None = None
+    caption_column: str | None = None
+    revision: str | None = None
     limit: int | None = None
     seed: int = 0
     counterfactual_splits: list[str] = field(default_factory=lambda: ["train"])
@@ -122,11 +132,31 @@ class GenerateConfig:
                 "max_rotation": self.max_rotation,
                 "seed": self.seed,
             }
+        if self.source in SOURCES and not self.data_dir:
+            raise ValueError(f"--source {self.source} needs --data-dir")
         if self.source == "folder":
-            if not self.data_dir:
-                raise ValueError("--source folder needs --data-dir")
             return {"data_dir": self.data_dir, "mask_dir": self.mask_dir, "classes": self.classes}
-        raise ValueError(f"unknown --source {self.source!r}")
+        if self.source == "bgchallenge":
+            return {
+                "data_dir": self.data_dir,
+                "mask_fallback": self.bg_mask_fallback,
+                "classes": self.classes,
+            }
+        if self.source == "hardimagenet":
+            return {"data_dir": self.data_dir, "mask_dir": self.mask_dir, "classes": self.classes}
+        if self.source == "hub":
+            return {
+                "data_dir": self.data_dir,
+                "image_column": self.image_column,
+                "label_column": self.label_column,
+                "mask_column": self.mask_column,
+                "group_column": self.group_column,
+                "caption_column": self.caption_column,
+                "splits": self.splits,
+                "revision": self.revision,
+                "classes": self.classes,
+            }
+        raise ValueError(f"unknown --source {self.source!r}; choose one of synthetic, {', '.join(SOURCES)}")
 
 
 def select_indices(labels: np.ndarray, limit: int | None) -> list[int]:
@@ -540,7 +570,12 @@ class CounterfactualBuilder:
 
 
 def original_row(sample: Sample) -> Row:
-    recipe: dict[str, Any] = {"generator": "source", **sample.meta.get("annotation", {})}
+    # the source's own provenance (e.g. where a mask came from), then the annotation stage's
+    recipe: dict[str, Any] = {
+        "generator": "source",
+        **sample.meta.get("recipe", {}),
+        **sample.meta.get("annotation", {}),
+    }
     if sample.path:
         recipe["file"] = sample.meta.get("file")
     return Row(
@@ -789,17 +824,45 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument(
         "--source",
-        choices=["synthetic", "folder"],
+        choices=["synthetic", *SOURCES],
         default="synthetic",
-        help="where the labelled images come from",
-    )
-    p.add_argument("--data-dir", help="folder source: root of <split>/<class>/<file>")
-    p.add_argument(
-        "--mask-dir", help="folder source: root of masks at the same relative paths (PNG, non-zero = object)"
+        help="where the labelled images come from: the built-in benchmark; an image folder "
+        "<split>/<class>/<file>; the Background Challenge's released layout; Hard ImageNet (ImageNet "
+        "folders + its masks); any Hugging Face dataset (a Hub name or a local folder)",
     )
     p.add_argument(
-        "--classes", nargs="+", help="folder source: the class list (default: the class folders of train)"
+        "--data-dir",
+        help="folder: root of <split>/<class>/<file>; bgchallenge: the root holding original/, "
+        "fg_mask/, ...; hardimagenet: the ImageNet root (<split>/<wnid>/<file>); hub: a dataset name or folder",
     )
+    p.add_argument(
+        "--mask-dir",
+        help="folder: root of masks at the same relative paths (PNG, non-zero = object); "
+        "hardimagenet: the mask root (<split>/<wnid>_<file>)",
+    )
+    p.add_argument(
+        "--classes",
+        nargs="+",
+        help="the class list or a subset of it (default: every class the source has)",
+    )
+    g = p.add_argument_group("bgchallenge and hub sources")
+    g.add_argument(
+        "--bg-mask-fallback",
+        choices=["none", "grabcut"],
+        default="none",
+        help="bgchallenge: masks for images with neither fg_mask nor only_fg files (grabcut: OpenCV "
+        "GrabCut from a centred box; or leave them to --mask-source sam|grounded)",
+    )
+    g.add_argument("--splits", nargs="+", help="hub: the splits to read (default: all)")
+    g.add_argument("--image-column", default="image", help="hub: the image column")
+    g.add_argument("--label-column", default="label", help="hub: the class column")
+    g.add_argument("--mask-column", help="hub: a foreground-mask column, if any")
+    g.add_argument(
+        "--group-column",
+        help="hub: a column whose value becomes bg_label (e.g. Waterbirds' place attribute)",
+    )
+    g.add_argument("--caption-column", help="hub: a caption column, if any (else --captioner or the label)")
+    g.add_argument("--revision", help="hub: the dataset revision (branch, tag or commit)")
     p.add_argument("--output", required=True, help="dataset folder to write")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
     p.add_argument(

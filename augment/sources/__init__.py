@@ -15,4 +15,18 @@ def build_source(name: str, **kwargs) -> Source:
         from .folder import ImageFolderSource
 
         return ImageFolderSource(**kwargs)
-    raise ValueError(f"unknown source {name!r}; choose one of: synthetic, folder")
+    if name == "bgchallenge":
+        from .bgchallenge import BackgroundChallengeSource
+
+        return BackgroundChallengeSource(**kwargs)
+    if name == "hardimagenet":
+        from .hardimagenet import HardImageNetSource
+
+        return HardImageNetSource(**kwargs)
+    if name == "hub":
+        from .hub import HubSource
+
+        return HubSource(**kwargs)
+    raise ValueError(
+        f"unknown source {name!r}; choose one of: synthetic, folder, bgchallenge, hardimagenet, hub"
+    )
