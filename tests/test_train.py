@@ -202,9 +202,17 @@ def test_transformers_backbone_from_a_folder(tiny_dataset, tmp_path):
             "--output",
             str(eval_dir),
             "--no-progress",
+            "--hard-imagenet",
+            "--split",
+            "test",
         )
     )
     report = json.loads((eval_dir / "report.json").read_text())
+    hin = report["hard_imagenet"]  # the Hard ImageNet measures ride along on the same masks
+    assert set(hin["ablation_drop"]) == {"grey_object", "grey_box", "fill_box"}
+    assert -1.0 <= hin["rfs"] <= 1.0 and 0.0 <= hin["saliency_iou"] <= 100.0
+    assert json.loads((eval_dir / "hard_imagenet.json").read_text())["accuracy"] == hin["accuracy"]
+    assert (eval_dir / "hard_imagenet.png").is_file()
     assert set(report["accuracy"]) == {
         "original",
         "only_fg",
