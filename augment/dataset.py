@@ -383,11 +383,16 @@ def render_card(
                 ],
             }
         )
+    meta["license"] = settings.get("license") or DEFAULT_LICENSE
+    meta["pretty_name"] = settings.get("pretty_name") or _pretty_name(settings)
+    # the Hub's keys in its usual order: task, size, then tags
+    meta = {k: meta[k] for k in ("configs", "dataset_info", "license", "pretty_name", "task_categories")}
+    meta["size_categories"] = [_size_category(sum(total.values()))]
     meta["tags"] = ["counterfactual-augmentation", "background-bias", "clad", "aspire"] + (
         ["synthetic"] if settings.get("source") == "synthetic" else []
     )
     lines = ["---", yaml.safe_dump(meta, sort_keys=False).rstrip(), "---", ""]
-    lines += ["# Counterfactual dataset", ""]
+    lines += [f"# {meta['pretty_name']}", ""]
     if description:
         lines += [description, ""]
     lines += [
@@ -420,21 +425,10 @@ def render_card(
             + " | ".join(str(writer.counts[s].get(k, 0)) for k in KINDS)
             + f" | {summary['rejected'][s]} |"
         )
-    lines += [
-        "",
-        "## Source and generators",
-        "",
-        "```json",
-        json.dumps(settings, indent=2, sort_keys=True, default=str),
-        "```",
-        "",
-    ]
-    if summary["generators"]:
-        lines += [
-            "Rows per generator: "
-            + ", ".join(f"`{g}` {n}" for g, n in sorted(summary["generators"].items())),
-            "",
-        ]
+    lines += [""]
+    lines += _source_section(settings, writer.class_names, splits)
+    lines += _models_section(settings)
+    lines += _method_section(settings, writer, splits, summary)
     names = writer.class_names
     for s in splits:
         groups = writer.groups[s]
@@ -478,7 +472,371 @@ def render_card(
         "| `recipe` | JSON provenance: generator, operation, sources, seeds, settings |",
         "",
     ]
+    lines += _limitations_section(settings, writer, splits)
+    lines += [
+        "## License",
+        "",
+        "The license of this folder is the `license` field of the metadata above (`scripts/publish.py "
+        "--license` sets it). Images derived from a source dataset remain subject to that dataset's terms.",
+        "",
+        "## Settings",
+        "",
+        "Everything that produced this folder (also in `generation.json`):",
+        "",
+        "<details><summary>generation.json</summary>",
+        "",
+        "```json",
+        json.dumps(settings, indent=2, sort_keys=True, default=str),
+        "```",
+        "",
+        "</details>",
+        "",
+    ]
     return "\n".join(lines)
+
+
+DEFAULT_LICENSE = "other"
+_SIZE_CATEGORIES = [
+    (1_000, "n<1K"),
+    (10_000, "1K<n<10K"),
+    (100_000, "10K<n<100K"),
+    (1_000_000, "100K<n<1M"),
+    (10_000_000, "1M<n<10M"),
+    (100_000_000, "10M<n<100M"),
+]
+
+
+def _n_rows(n: int) -> str:
+    return f"{n} row" if n == 1 else f"{n} rows"
+
+
+def _size_category(n: int) -> str:
+    """The Hub's ``size_categories`` value for ``n`` rows."""
+    return next((name for limit, name in _SIZE_CATEGORIES if n < limit), "n>100M")
+
+
+def _pretty_name(settings: dict[str, Any]) -> str:
+    source = settings.get("source") or "unknown"
+    hub = settings.get("hub") or {}
+    if source == "hub" and hub.get("dataset") and not hub.get("local"):
+        return f"Counterfactual augmentation of {hub['dataset']}"
+    if source == "synthetic":
+        return "Counterfactual augmentation of the synthetic background benchmark"
+    return f"Counterfactual augmentation ({source} source)"
+
+
+def _ref(d: dict[str, Any] | None) -> str:
+    """``model`` at ``revision`` (or its resolved commit) as Markdown, for the card's model table."""
+    if not isinstance(d, dict):
+        return "-"
+    model = d.get("model") or d.get("classifier") or d.get("checkpoint")
+    if not model:
+        return "-"
+    rev = d.get("revision") or d.get("commit")
+    text = f"`{model}`"
+    if rev:
+        text += f" @ `{rev}`"
+    elif not str(model).startswith(("/", ".", "~")):
+        text += " (revision not recorded)"
+    return text
+
+
+def _source_section(settings: dict[str, Any], class_names: Sequence[str], splits: list[str]) -> list[str]:
+    source = settings.get("source") or "unknown"
+    lines = ["## Source", ""]
+    if source == "synthetic":
+        lines.append(
+            "The built-in synthetic benchmark (`augment/sources/synthetic.py`): procedurally drawn objects on "
+            "textured backgrounds whose family equals the class with probability "
+            f"rho = {settings.get('rho', 'n/a')} in every split (image size {settings.get('image_size', 'n/a')} px, "
+            f"seed {settings.get('seed', 'n/a')}). Its masks are exact."
+        )
+    elif source == "hub":
+        hub = settings.get("hub") or {}
+        name = hub.get("dataset") or settings.get("data_dir")
+        where = f"`{name}`" if hub.get("local") else f"[`{name}`](https://huggingface.co/datasets/{name})"
+        rev = hub.get("revision") or "the default branch"
+        commit = f", commit `{hub['commit']}`" if hub.get("commit") else ""
+        lines.append(f"The Hugging Face dataset {where} at {rev}{commit}, read with `datasets.load_dataset`.")
+        cols = [
+            f"{what} `{settings.get(key)}`"
+            for what, key in (
+                ("image", "image_column"),
+                ("label", "label_column"),
+                ("mask", "mask_column"),
+                ("group (-> `bg_label`)", "group_column"),
+                ("caption", "caption_column"),
+            )
+            if settings.get(key)
+        ]
+        lines += ["", "Columns read: " + ", ".join(cols) + "."]
+        if settings.get("groups"):
+            lines += [
+                "",
+                "Group values -> `bg_label`: "
+                + ", ".join(f"`{k}` -> {v}" for k, v in settings["groups"].items())
+                + ".",
+            ]
+    else:
+        lines.append(f"The `{source}` source")
+        if settings.get("data_dir"):
+            lines[-1] += f" reading `{settings['data_dir']}`"
+        if settings.get("mask_dir"):
+            lines[-1] += f" with masks from `{settings['mask_dir']}`"
+        lines[-1] += "."
+    lines += [
+        "",
+        f"Classes ({len(class_names)}): " + ", ".join(f"`{c}`" for c in class_names) + ".",
+        f"Splits: {', '.join(splits)}; counterfactuals were made for: "
+        + ", ".join(settings.get("counterfactual_splits") or ["train"])
+        + ".",
+        "",
+    ]
+    return lines
+
+
+def _active_filters(filters: dict[str, Any] | None) -> list[tuple[str, str, str]]:
+    """(name, what it rejects, model) of the filters that were on (augment/filters.py)."""
+    if not isinstance(filters, dict):
+        return []
+    out = []
+    if filters.get("black"):
+        b = filters["black"]
+        out.append(
+            (
+                "black",
+                f"near-black or flat images (mean < {b.get('mean_below')} or std < {b.get('std_below')})",
+                "-",
+            )
+        )
+    if filters.get("nsfw"):
+        out.append(("nsfw", "images the pipeline's safety checker flagged", "-"))
+    if filters.get("mask_area"):
+        r = filters["mask_area"].get("max_ratio")
+        out.append(("mask_area", f"object area over {r}x or under 1/{r} of the anchor's", "-"))
+    if filters.get("semantic"):
+        out.append(
+            (
+                "semantic",
+                "CLIP: images closer to a negative prompt than to 'a photo of a {label}'",
+                _ref(filters["semantic"]),
+            )
+        )
+    if filters.get("confidence"):
+        c = filters["confidence"]
+        out.append(
+            (
+                "confidence",
+                f"classifier probability of the label below {c.get('low')} (class destroyed) or above "
+                f"{c.get('high')} (nothing changed)",
+                _ref(c),
+            )
+        )
+    return out
+
+
+def _models_section(settings: dict[str, Any]) -> list[str]:
+    """A table of every stage's method and model (id and revision)."""
+    ann = settings.get("annotation") or {}
+    gens = settings.get("generators") or {}
+    rows: list[tuple[str, str, str]] = []
+    if ann:
+        cap = ann.get("caption") or {}
+        if cap.get("captioner") or cap.get("model"):
+            rows.append(("captions", f"image-to-text model, {cap.get('decoding', 'greedy')}", _ref(cap)))
+        else:
+            rows.append(("captions", cap.get("rule", "the dataset's captions"), "-"))
+        ext = ann.get("extract") or {}
+        if ext.get("extractor") == "llm":
+            rows.append(("phrases", f"chat LLM, prompt `{ext.get('template', '')}`", _ref(ext)))
+        else:
+            rows.append(("phrases", f"{ext.get('extractor', 'caption-parser')} (no model)", "-"))
+        seg = ann.get("segment") or {}
+        mode = seg.get("mode") or seg.get("mask_source") or "given"
+        if mode == "given":
+            rows.append(("masks", "given by the source", "-"))
+        else:
+            rows.append(("masks", f"{mode}: SAM", _ref(seg.get("sam"))))
+            if seg.get("detector"):
+                rows.append(
+                    (
+                        "boxes",
+                        f"text-grounded detector, threshold {seg.get('box_threshold')}",
+                        _ref(seg["detector"]),
+                    )
+                )
+    for kind in ("positives", "negatives"):
+        g = gens.get(kind)
+        if isinstance(g, dict) and g.get("generator"):
+            if g["generator"] == "composite":
+                rows.append((kind, "composite (cut-and-paste, no model)", "-"))
+            else:
+                detail = ", ".join(
+                    f"{k} {g[k]}"
+                    for k in ("steps", "guidance", "strength", "resolution")
+                    if g.get(k) is not None
+                )
+                rows.append(
+                    (
+                        kind,
+                        f"{g['generator']} ({g.get('pipeline', 'diffusers')}{', ' + detail if detail else ''})",
+                        _ref(g),
+                    )
+                )
+    for name, what, model in _active_filters(gens.get("filters")):
+        rows.append((f"filter: {name}", what, model))
+    disc = settings.get("discover")
+    if isinstance(disc, dict):
+        rows.append(
+            ("discover", "ASPIRE spurious-feature discovery", _ref(disc) if disc.get("classifier") else "-")
+        )
+        for part in ("remover", "editor"):
+            if isinstance(disc.get(part), dict):
+                rows.append(
+                    (
+                        f"discover: {part}",
+                        str(disc[part].get("generator") or disc[part].get("remover") or part),
+                        _ref(disc[part]),
+                    )
+                )
+    pers = settings.get("personalize")
+    if isinstance(pers, dict):
+        g = pers.get("generator") if isinstance(pers.get("generator"), dict) else {}
+        rows.append(("generated", f"text-to-image with per-class {g.get('method', 'adapters')}", _ref(g)))
+    if not rows:
+        return []
+    lines = ["## Models and generators", "", "| stage | method | model @ revision |", "| --- | --- | --- |"]
+    lines += [f"| {a} | {b} | {c} |" for a, b, c in rows]
+    return lines + [""]
+
+
+_HOW = {
+    "composite": {
+        "positive": "the anchor's object, cut out with its mask pixel for pixel, pasted at the same place onto "
+        "the background of an image of another class whose own object was removed by tiling (the "
+        "Background Challenge's only_bg_t); `bg_label` is that image's background class (its label when "
+        "the source gives none).",
+        "negative": "the anchor's own background with its object removed by tiling (`remove`, label -1), or "
+        "on that tiled background with another class's object pasted centred on the anchor's object box "
+        "(`replace`).",
+    },
+    "inpaint": {
+        "positive": "diffusion inpainting: the object is kept exactly and everything outside its mask is "
+        "repainted from a prompt naming a new background (an alternative-background phrase, or the "
+        "background of an image of another class).",
+        "negative": "diffusion inpainting of the anchor's object (`remove`: the dilated mask repainted as "
+        "background, label -1; `replace`: the object's box repainted with another class's object).",
+    },
+    "instruct-pix2pix": {
+        "positive": "an instruction-following edit ('turn the background of {background} into {new background}'), "
+        "after which the object's pixels are copied back exactly.",
+    },
+    "img2img": {
+        "positive": "image-to-image diffusion of the anchor at several strengths (DA-Fusion), with the object's "
+        "pixels copied back exactly where there is a mask.",
+    },
+}
+
+
+def _method_section(
+    settings: dict[str, Any], writer: DatasetWriter, splits: list[str], summary: dict[str, Any]
+) -> list[str]:
+    """How each kind of derived row was made, per generator, with the rows each generator wrote."""
+    made = {k: sum(writer.counts[s].get(k, 0) for s in splits) for k in KINDS}
+    gens = settings.get("generators") or {}
+    lines = ["## How the counterfactuals were made", ""]
+    for kind, key in (("positive", "positives"), ("negative", "negatives")):
+        if not made[kind]:
+            continue
+        g = gens.get(key) if isinstance(gens.get(key), dict) else {}
+        name = g.get("generator")
+        if name is None:  # a folder written before the generators were recorded, or by another tool
+            lines.append(
+                f"- **{kind}s** ({_n_rows(made[kind])}): see each row's `recipe` (generator not recorded)."
+            )
+            continue
+        how = _HOW.get(name, {}).get(kind, f"made by `{name}`; see each row's `recipe`.")
+        model = f" Model: {_ref(g)}." if g.get("model") else ""
+        lines.append(f"- **{kind}s** ({_n_rows(made[kind])}), `{name}`: {how}{model}")
+    if isinstance(settings.get("discover"), dict):
+        lines.append(
+            "- **discover**: ASPIRE found the phrases a classifier relies on (`spurious_phrases`); rows with "
+            "generator `discover` are edits of images with the spurious feature removed."
+        )
+    if made["generated"]:
+        lines.append(
+            f"- **generated** ({_n_rows(made['generated'])}): text-to-image with per-class personalised adapters "
+            "(`scripts/personalize.py`); they have no source image (`source_id` is the row itself)."
+        )
+    filters = _active_filters(gens.get("filters"))
+    diffusion = any(
+        isinstance(gens.get(k), dict) and gens[k].get("generator") not in (None, "composite")
+        for k in ("positives", "negatives")
+    )
+    if diffusion:
+        lines.append(
+            "- Every diffusion output passed the filters "
+            + (", ".join(f"`{f[0]}`" for f in filters) if filters else "(none were on)")
+            + "; refused outputs are in the `rejected` configuration with the reason."
+        )
+    if summary.get("generators"):
+        lines.append(
+            "- Rows per generator: "
+            + ", ".join(f"`{g}` {n}" for g, n in sorted(summary["generators"].items()))
+        )
+    if len(lines) == 2:
+        lines.append("No counterfactual rows: this folder holds originals only.")
+    return lines + [""]
+
+
+def _limitations_section(settings: dict[str, Any], writer: DatasetWriter, splits: list[str]) -> list[str]:
+    """A short, honest list of what can be wrong with these rows."""
+    gens = settings.get("generators") or {}
+    names = {
+        g.get("generator") for g in (gens.get("positives"), gens.get("negatives")) if isinstance(g, dict)
+    }
+    made = {k: sum(writer.counts[s].get(k, 0) for s in splits) for k in KINDS}
+    items = []
+    if "composite" in names and (made["positive"] or made["negative"]):
+        items.append(
+            "Composites are cut-and-paste: hard mask edges, no matching of lighting, shadows, scale or "
+            "perspective, and tiled fill where an object was removed (repeated texture a model can learn to "
+            "spot)."
+        )
+    diffusion = sorted(n for n in names if n and n != "composite")
+    if diffusion:
+        filters = [f[0] for f in _active_filters(gens.get("filters"))]
+        items.append(
+            f"Diffusion outputs ({', '.join(diffusion)}) were checked only by the filters listed "
+            f"({', '.join(filters) if filters else 'none'}); kept images may still show artefacts, an "
+            "altered or missing object, a leftover object or an implausible scene."
+        )
+    seg = (settings.get("annotation") or {}).get("segment") or {}
+    mode = seg.get("mode") or seg.get("mask_source") or "given"
+    if mode != "given":
+        items.append(
+            "Masks come from SAM (prompted by boxes) and may be wrong: missed object parts, background "
+            "included, the wrong object; a bad mask carries background pixels into positives."
+        )
+    elif settings.get("source") != "synthetic":
+        items.append("Masks are the source's own; their errors propagate into every counterfactual.")
+    ext = (settings.get("annotation") or {}).get("extract") or {}
+    items.append(
+        "Captions and phrases come from "
+        + ("an LLM" if ext.get("extractor") == "llm" else "a rule-based caption parser")
+        + " and are not checked by a person."
+    )
+    if any(b < 0 for s in splits for _, b in writer.groups[s]):
+        items.append(
+            "Originals with `bg_label` -1 have no known background class (CLAD's negative dictionary then "
+            "keys them by their label)."
+        )
+    if settings.get("source") == "synthetic":
+        items.append("The synthetic benchmark is a toy: shapes on textures, not natural images.")
+    items.append(
+        "Counterfactual labels are inherited from the source object; no row was verified by a person."
+    )
+    return ["## Known limitations", ""] + [f"- {t}" for t in items] + [""]
 
 
 # ----------------------------------------------------------------------------------------------

@@ -18,7 +18,7 @@ as constants as it does the dictionary's, in a second one without gradients.
 
 Every epoch the model is evaluated on the validation split's original, mixed_same and mixed_rand
 variants, and the epoch with the best ``--selection-metric`` (CLAD's choice: validation mixed_rand)
-is the one saved with ``save_pretrained``.
+is the one saved with ``save_pretrained``, with its model card (:mod:`debias.modelcard`).
 """
 
 from __future__ import annotations
@@ -424,43 +424,6 @@ def _lr_factor(step: int, steps_per_epoch: int, decay_epochs: list[int], gamma: 
     return gamma ** sum(1 for e in decay_epochs if epoch >= e)
 
 
-def _model_card(args: argparse.Namespace, class_names: list[str], summary: dict[str, Any]) -> str:
-    val = summary.get("best_validation") or {}
-    lines = [
-        "---",
-        "library_name: transformers",
-        "pipeline_tag: image-classification",
-        "tags: [background-bias, clad, counterfactual-augmentation]",
-        "---",
-        "",
-        f"# {args.method} classifier",
-        "",
-        f"Trained with `scripts/train.py --method {args.method}` on `{args.dataset}` "
-        f"({len(class_names)} classes: {', '.join(class_names)}).",
-        "",
-        f"- backbone: `{args.backbone}`, resolution {summary['resolution']} px",
-        f"- epochs run: {summary['epochs_run']}, optimizer steps: {summary['steps']}, batch {args.batch_size} per process x {summary['num_processes']} processes",
-        f"- selected epoch: {summary['best_epoch']} by validation `{args.selection_metric}`",
-    ]
-    if args.method in ("clad", "clad+"):
-        lines.append(
-            f"- InfoNCE: tau {args.temperature}, lambda {args.lambda_con}, {args.queue_size} dictionary negatives + up to {args.max_stored_negatives} stored"
-        )
-    if val:
-        lines += [
-            "",
-            "Validation accuracy of the saved epoch (percent): "
-            + ", ".join(f"{k} {v:.1f}" for k, v in val.items()),
-        ]
-    lines += [
-        "",
-        "Load it with `transformers.AutoModelForImageClassification.from_pretrained(path)` after `import debias.models`",
-        "(which registers the small ResNet); inputs are normalised as in `preprocessor_config.json`.",
-        "",
-    ]
-    return "\n".join(lines)
-
-
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns a summary (steps, best epoch, validation metrics, time)."""
     from accelerate import Accelerator
@@ -619,7 +582,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     if accelerator.is_main_process:
         final.save_pretrained(str(out), safe_serialization=True)
         save_preprocessing(str(out), pre)
-        (out / "README.md").write_text(_model_card(args, class_names, summary))
+        from .modelcard import write_model_card
+
+        write_model_card(out, args=args, class_names=class_names, summary=summary)
         (out / "train_summary.json").write_text(json.dumps(summary, indent=2))
     accelerator.wait_for_everyone()
     accelerator.end_training()
