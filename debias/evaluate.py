@@ -44,17 +44,8 @@ from tqdm.auto import tqdm
 
 from augment.imageops import box_mask, mask_bbox, paste, tile_fill, to_mask
 from augment.seeding import item_rng
+from augment.sources.bgchallenge import VARIANTS  # the eight, in the release's order
 
-VARIANTS = (
-    "original",
-    "only_fg",
-    "no_fg",
-    "only_bg_b",
-    "only_bg_t",
-    "mixed_same",
-    "mixed_rand",
-    "mixed_next",
-)
 MIXED = ("mixed_same", "mixed_rand", "mixed_next")
 
 

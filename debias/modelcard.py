@@ -22,18 +22,10 @@ from typing import Any
 
 import yaml
 
+# the Background Challenge's variants (a torch-free module, so reading a card needs no torch)
+from augment.sources.bgchallenge import VARIANTS as VARIANT_ORDER
+
 CARD_MARKER = "<!-- model card written by debias/modelcard.py; delete this line to keep your edits -->"
-# debias.evaluate.VARIANTS, repeated so that reading a card needs no torch
-VARIANT_ORDER = (
-    "original",
-    "only_fg",
-    "no_fg",
-    "only_bg_b",
-    "only_bg_t",
-    "mixed_same",
-    "mixed_rand",
-    "mixed_next",
-)
 BACKGROUND_ONLY = ("no_fg", "only_bg_b", "only_bg_t")
 METHODS = {
     "erm": "ERM: cross-entropy on the original images, CE(x). The baseline, with no counterfactual data.",
