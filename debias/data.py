@@ -251,7 +251,12 @@ class CounterfactualTrainSet(torch.utils.data.Dataset):
                 made = self._composite_positive(k, rng)
                 if made is not None:
                     (positive, pos_bg), has_pos = made, True
-        item.update(positive=positive, positive_bg=torch.tensor(pos_bg), has_positive=torch.tensor(has_pos))
+        item.update(
+            positive=positive,
+            positive_bg=torch.tensor(pos_bg),
+            has_positive=torch.tensor(has_pos),
+            anchor_bg=torch.tensor(self.anchor_bg_key(k)),  # FairKL's same/different-background split
+        )
         if self.max_negatives:
             negs = torch.zeros(self.max_negatives, 3, r, r, dtype=torch.uint8)
             valid = torch.zeros(self.max_negatives, dtype=torch.bool)

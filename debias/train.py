@@ -16,6 +16,12 @@ dictionary (:mod:`debias.negatives`) plus its stored ``kind=negative`` rows (in-
 positives go through the model in one forward pass; stored negatives, whose features the loss treats
 as constants as it does the dictionary's, in a second one without gradients.
 
+``--loss`` picks the contrastive term (:mod:`debias.losses`): ``infonce`` (CLAD's, one positive), or
+``supcon`` / ``eps-supinfonce`` with several positives per anchor: its counterfactual positive and the
+other originals of its class in the batch (negatives as for InfoNCE). ``--fairkl-weight`` w > 0 adds
+FairKL to the contrastive term, which becomes L_con + w * FairKL (still scaled by ``--lambda-con``);
+see :meth:`Objective.candidate_set` for the pairs and backgrounds it uses.
+
 Every epoch the model is evaluated on the validation split's original, mixed_same and mixed_rand
 variants, and the epoch with the best ``--selection-metric`` (CLAD's choice: validation mixed_rand)
 is the one saved with ``save_pretrained``, with its model card (:mod:`debias.modelcard`).
@@ -38,10 +44,11 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .losses import clad_infonce
+from .losses import clad_infonce, eps_supinfonce, fairkl, supcon
 from .negatives import NegativeDictionary
 
 METHODS = ("erm", "augment", "clad", "clad+")
+LOSSES = ("infonce", "supcon", "eps-supinfonce")
 
 
 # ----------------------------------------------------------------------------------------------
@@ -91,13 +98,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--lr-decay", type=float, default=0.1)
     p.add_argument("--gradient-accumulation-steps", type=int, default=1)
     p.add_argument(
-        "--temperature", type=float, default=0.2, help="InfoNCE temperature tau (the CLAD paper's 0.2)"
+        "--temperature",
+        type=float,
+        default=0.2,
+        help="temperature tau of the contrastive loss, every --loss (the CLAD paper's 0.2)",
     )
     p.add_argument(
         "--lambda-con",
         type=float,
         default=1.0,
         help="weight lambda of the contrastive term (the CLAD paper's 1, with a pretrained backbone; the demo trains from scratch with 5)",
+    )
+    p.add_argument(
+        "--loss",
+        choices=LOSSES,
+        default="infonce",
+        help="contrastive term of clad/clad+: 'infonce' = CLAD's InfoNCE (one positive per anchor); 'supcon' = SupCon "
+        "(L_out) and 'eps-supinfonce' = epsilon-SupInfoNCE (Barbano et al. 2023), both with several positives per "
+        "anchor: its counterfactual positive plus the other originals of its class in the batch; negatives as for "
+        "infonce (dictionary key y + stored negatives)",
+    )
+    p.add_argument(
+        "--eps",
+        type=float,
+        default=0.1,
+        help="margin epsilon of --loss eps-supinfonce, in units of s = cos/tau (0: plain SupInfoNCE, the paper code's "
+        "default; 0.1 is a small margin, a cosine margin of eps * tau = 0.02 at tau 0.2)",
+    )
+    p.add_argument(
+        "--fairkl-weight",
+        type=float,
+        default=0.0,
+        help="weight w of the FairKL regulariser (clad/clad+; 0: off): the contrastive term becomes L_con + w * FairKL, "
+        "the symmetric KL between Gaussians fitted to same-background and different-background pair similarities, "
+        "for positives and negatives separately",
+    )
+    p.add_argument(
+        "--fairkl-bandwidth",
+        type=float,
+        default=0.05,
+        help="FairKL's bandwidth h on the cosine scale: h^2 is added to every group's variance (keeps it finite "
+        "for small groups)",
     )
     p.add_argument(
         "--queue-size",
@@ -170,6 +211,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit("train.py: error: --batch-size must be at least 2")
     if args.temperature <= 0:
         raise SystemExit("train.py: error: --temperature must be > 0")
+    if args.eps < 0:
+        raise SystemExit("train.py: error: --eps must be >= 0")
+    if args.fairkl_weight < 0:
+        raise SystemExit("train.py: error: --fairkl-weight must be >= 0")
+    if args.fairkl_bandwidth <= 0:
+        raise SystemExit("train.py: error: --fairkl-bandwidth must be > 0")
+    if args.method not in ("clad", "clad+") and (args.loss != "infonce" or args.fairkl_weight > 0):
+        raise SystemExit(
+            f"train.py: error: --loss {args.loss} / --fairkl-weight apply to --method clad or clad+, not {args.method}"
+        )
     return args
 
 
@@ -193,6 +244,12 @@ class Objective(torch.nn.Module):
         self.augment = augment
         self.temperature = args.temperature
         self.lambda_con = args.lambda_con
+        self.loss = getattr(args, "loss", "infonce")
+        if self.loss not in LOSSES:
+            raise ValueError(f"loss must be one of {LOSSES}, got {self.loss!r}")
+        self.eps = getattr(args, "eps", 0.1)
+        self.fairkl_weight = getattr(args, "fairkl_weight", 0.0)
+        self.fairkl_bandwidth = getattr(args, "fairkl_bandwidth", 0.05)
         self.contrastive = method in ("clad", "clad+")
         self.paired = getattr(args, "paired_crops", False) and self.contrastive
         self.memory_format = (
@@ -248,20 +305,108 @@ class Objective(torch.nn.Module):
         if int(d.count.min()) == 0:
             zs, ys = (gather(z.detach()), gather(y)) if gather else (z.detach(), y)
             d.fill_empty_from(zs, ys)
-        dict_feats, dict_valid = d.lookup(y)
-        if neg_feats is not None:
-            z_neg = torch.cat([dict_feats.to(z.dtype), neg_feats], dim=1)
-            mask = torch.cat([dict_valid, batch["negative_valid"]], dim=1)
+        cands = None
+        if self.loss == "infonce":
+            dict_feats, dict_valid = d.lookup(y)
+            if neg_feats is not None:
+                z_neg = torch.cat([dict_feats.to(z.dtype), neg_feats], dim=1)
+                mask = torch.cat([dict_valid, batch["negative_valid"]], dim=1)
+            else:
+                z_neg, mask = dict_feats.to(z.dtype), dict_valid
+            con = clad_infonce(z, zp, z_neg, self.temperature, neg_mask=mask, weight=w)
         else:
-            z_neg, mask = dict_feats.to(z.dtype), dict_valid
-        con = clad_infonce(z, zp, z_neg, self.temperature, neg_mask=mask, weight=w)
-        loss = ce + self.lambda_con * con
+            cands = self.candidate_set(z, zp, batch, neg_feats)
+            if self.loss == "supcon":
+                con = supcon(z, cands["feats"], cands["pos"], self.temperature, neg_mask=cands["neg"])
+            else:
+                con = eps_supinfonce(
+                    z,
+                    cands["feats"],
+                    cands["feats"],
+                    self.temperature,
+                    self.eps,
+                    neg_mask=cands["neg"],
+                    pos_mask=cands["pos"],
+                )
+        total_con = con
+        if self.fairkl_weight > 0:
+            if cands is None:
+                cands = self.candidate_set(z, zp, batch, neg_feats)
+            fk = fairkl(
+                z,
+                cands["feats"],
+                cands["same_bg"],
+                cands["pos"],
+                cands["fair_neg"],
+                bandwidth=self.fairkl_bandwidth,
+            )
+            total_con = con + self.fairkl_weight * fk
+            parts["fairkl"] = fk.detach()
+        loss = ce + self.lambda_con * total_con
         if self.method == "clad+":
             loss = loss + ce_pos
             parts["ce_pos"] = ce_pos.detach()
         parts["con"] = con.detach()
         parts["push"] = (zp.detach()[has_pos], batch["positive_bg"][has_pos])
         return loss, parts
+
+    def candidate_set(
+        self,
+        z: torch.Tensor,
+        zp: torch.Tensor,
+        batch: dict[str, torch.Tensor],
+        neg_feats: torch.Tensor | None,
+    ) -> dict[str, torch.Tensor]:
+        """The candidates shared by the whole batch for supcon / eps-supinfonce / FairKL, and their masks.
+
+        Candidates (M, D), in four blocks: this step's positives zp (B), the anchors z (B), every entry
+        of the negative dictionary (num_keys * queue_size, constants) and the stored negatives' features
+        (B * max_stored_negatives, constants). Masks (B, M), for anchor i of class y_i:
+
+        * ``pos``: i's own positive (when it has one) and the other anchors of class y_i (never i itself);
+        * ``neg``: CLAD's negatives of i: valid dictionary entries of key y_i and i's own stored negatives;
+        * ``fair_neg`` (FairKL only): ``neg`` plus the other classes' anchors and positives in the batch,
+          so that both background groups occur among the negatives;
+        * ``same_bg``: the candidate's background equals i's. Backgrounds: a positive's ``positive_bg``;
+          a dictionary entry's key; an anchor's ``anchor_bg`` when the batch carries it, else its label
+          (the key its negatives are looked up under); a stored negative's is its anchor's.
+        """
+        y = batch["label"]
+        b, dev = y.shape[0], z.device
+        has_pos = batch["has_positive"].bool()
+        anchor_bg = batch.get("anchor_bg", y).long()
+        d = self.dictionary
+        k, q = d.num_keys, d.size
+        dict_feats = d.queue.reshape(k * q, -1).to(device=dev, dtype=z.dtype)
+        dict_key = torch.arange(k, device=dev).repeat_interleave(q)
+        dict_valid = (torch.arange(q, device=dev)[None, :] < d.count.to(dev)[:, None]).reshape(-1)
+        idx = torch.arange(b, device=dev)
+        eye = idx[:, None] == idx[None, :]
+        same_class = y[:, None] == y[None, :]
+        feats = [zp, z, dict_feats]
+        bgs = [batch["positive_bg"].long(), anchor_bg, dict_key]
+        pos = [eye & has_pos[:, None], same_class & ~eye, torch.zeros(b, k * q, dtype=torch.bool, device=dev)]
+        no = torch.zeros(b, b, dtype=torch.bool, device=dev)
+        neg = [no, no, (dict_key[None, :] == y[:, None]) & dict_valid[None, :]]
+        if neg_feats is not None:
+            s = neg_feats.shape[1]
+            owner = idx.repeat_interleave(s)
+            feats.append(neg_feats.reshape(b * s, -1).to(z.dtype))
+            bgs.append(anchor_bg[owner])
+            pos.append(torch.zeros(b, b * s, dtype=torch.bool, device=dev))
+            neg.append((owner[None, :] == idx[:, None]) & batch["negative_valid"].reshape(-1).bool()[None, :])
+        pos_m, neg_m = torch.cat(pos, 1), torch.cat(neg, 1)
+        other_class = ~same_class
+        in_batch = torch.cat([other_class & has_pos[None, :], other_class], 1)
+        fair_neg = neg_m.clone()
+        fair_neg[:, : 2 * b] |= in_batch
+        return {
+            "feats": torch.cat(feats, 0),
+            "pos": pos_m,
+            "neg": neg_m,
+            "fair_neg": fair_neg,
+            "same_bg": torch.cat(bgs, 0)[None, :] == anchor_bg[:, None],
+        }
 
     @torch.no_grad()
     def after_step(self, parts: dict[str, Any], gather=None) -> None:
@@ -571,6 +716,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     )
     summary = {
         "method": args.method,
+        "loss": getattr(args, "loss", "infonce") if args.method in ("clad", "clad+") else None,
         "steps": progress.global_step,
         "epochs_run": len({h["epoch"] for h in progress.history}),
         "best_epoch": progress.best_epoch,

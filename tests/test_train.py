@@ -2,6 +2,7 @@
 two CPU processes, and a transformers backbone loaded from a folder."""
 
 import json
+import math
 from argparse import Namespace
 
 import pytest
@@ -226,3 +227,27 @@ def test_transformers_backbone_from_a_folder(tiny_dataset, tmp_path):
     assert (eval_dir / "report.png").stat().st_size > 1000 and "bg_gap" in (
         eval_dir / "report.md"
     ).read_text()
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        ("--loss", "supcon", "--fairkl-weight", "0.5"),
+        ("--loss", "eps-supinfonce", "--eps", "0.2", "--fairkl-weight", "1"),
+    ],
+    ids=["supcon+fairkl", "eps-supinfonce+fairkl"],
+)
+def test_loss_family_trains_and_records_its_flags(tiny_dataset, tmp_path, extra):
+    out = tmp_path / "loss"
+    cmd = _train_cmd(tiny_dataset, out, "--method", "clad", "--max-train-steps", "2", *extra)
+    run_script(python_script("train.py", *cmd[1:]))
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert log[-1]["step"] == 2
+    assert all(math.isfinite(log[-1][k]) for k in ("loss", "con", "fairkl"))
+    recorded = json.loads((out / "training_args.json").read_text())
+    flags = dict(zip(extra[::2], extra[1::2]))
+    assert recorded["loss"] == flags["--loss"] and recorded["fairkl_weight"] == float(
+        flags["--fairkl-weight"]
+    )
+    assert recorded["eps"] == float(flags.get("--eps", 0.1))
+    assert json.loads((out / "train_summary.json").read_text())["loss"] == flags["--loss"]
