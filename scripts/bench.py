@@ -12,7 +12,14 @@
     ``train_step_ratio_clad_over_erm``. The negative dictionary's push and lookup are timed the same way;
     ``negative_dictionary_share`` is their median over the median CLAD step.
 
-(c) With ``--ablation``: CLAD trained with one setting changed at a time (the evidence for the defaults).
+(c) Generation throughput (``--generation``): images/s of each generator on 64-px images of the
+    built-in benchmark: cut-and-paste, and the diffusion generators with tiny random pipelines (their
+    cost at real size needs a GPU: ``scripts/bench_diffusion.py --size real``).
+(d) On a GPU (``--gpu``, skipped without one): ERM and CLAD steps of a ResNet-50 at 224 px, bf16
+    autocast, channels-last, ``torch.compile`` off and on, with peak memory.
+(e) With ``--losses``: CLAD with each loss of the family (InfoNCE, SupCon, epsilon-SupInfoNCE,
+    InfoNCE + FairKL) trained on each seed's demo dataset; mean and spread of mixed_rand and BG-gap.
+(f) With ``--ablation``: CLAD trained with one setting changed at a time (the evidence for the defaults).
 
 ``--skip-demo`` / ``--skip-steps`` leave a section out; with ``--reuse FILE`` a section left out is
 taken from an earlier result instead. With ``--write-docs`` the tables replace the generated section of docs/BENCHMARKS.md.
@@ -171,40 +178,233 @@ ABLATIONS: dict[str, list[str]] = {
 }  # fmt: skip
 
 
-def run_ablation(dataset: Path, out_root: Path) -> dict:
-    """Train CLAD once per :data:`ABLATIONS` entry on ``dataset`` and evaluate it on the test split."""
+def train_and_evaluate(
+    dataset: Path, out: Path, extra: list[str], base: list[str] = DEMO_CLAD, data=None
+) -> dict:
+    """``train.py --method clad`` with ``base + extra`` flags on ``dataset``; accuracies on its test split."""
+    import shutil
+
     from debias.evaluate import evaluate_model, load_eval_set
     from debias.models import load_classifier
+
+    cmd = [
+        sys.executable, str(ROOT / "scripts" / "train.py"), "--dataset", str(dataset), "--method", "clad",
+        "--output-dir", str(out), *base, "--checkpointing-steps", "0", "--no-progress", *extra,
+    ]  # fmt: skip
+    if out.exists():
+        shutil.rmtree(out)
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    seconds = time.perf_counter() - t
+    model, pre = load_classifier(str(out))
+    r = evaluate_model(model, pre, data or load_eval_set(str(dataset), "test"), challenge_pool_per_class=5)
+    return {
+        "flags": extra,
+        "train_seconds": round(seconds, 1),
+        "original": r["accuracy"]["original"],
+        "mixed_same": r["accuracy"]["mixed_same"],
+        "mixed_rand": r["accuracy"]["mixed_rand"],
+        "bg_gap": r["bg_gap"],
+    }
+
+
+def run_ablation(dataset: Path, out_root: Path) -> dict:
+    """Train CLAD once per :data:`ABLATIONS` entry on ``dataset`` and evaluate it on the test split."""
+    from debias.evaluate import load_eval_set
 
     data = load_eval_set(str(dataset), "test")
     results = {}
     for i, (name, extra) in enumerate(ABLATIONS.items()):
-        out = out_root / f"ablation-{i}"
-        cmd = [
-            sys.executable, str(ROOT / "scripts" / "train.py"), "--dataset", str(dataset), "--method", "clad",
-            "--output-dir", str(out), *DEMO_CLAD, "--checkpointing-steps", "0",
-            "--no-progress", *extra,
-        ]  # fmt: skip
-        if out.exists():
-            import shutil
-
-            shutil.rmtree(out)
-        t = time.perf_counter()
-        subprocess.run(cmd, check=True, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        seconds = time.perf_counter() - t
-        model, pre = load_classifier(str(out))
-        r = evaluate_model(model, pre, data, challenge_pool_per_class=5)
-        results[name] = {
-            "flags": extra,
-            "train_seconds": round(seconds, 1),
-            "original": r["accuracy"]["original"],
-            "mixed_same": r["accuracy"]["mixed_same"],
-            "mixed_rand": r["accuracy"]["mixed_rand"],
-            "bg_gap": r["bg_gap"],
-        }
+        results[name] = train_and_evaluate(dataset, out_root / f"ablation-{i}", extra, data=data)
         print(f"{name}: {json.dumps(results[name])}", flush=True)
     # the caller adds command and date
     return {"dataset": str(dataset), "base_flags": DEMO_CLAD, "runs": results}
+
+
+# the contrastive loss family, each on top of the demo's CLAD settings
+LOSSES: dict[str, list[str]] = {
+    "InfoNCE (CLAD, the default)": [],
+    "SupCon (positives: counterfactual + same-class originals)": ["--loss", "supcon"],
+    "epsilon-SupInfoNCE": ["--loss", "eps-supinfonce"],
+    "InfoNCE + FairKL": ["--fairkl-weight", "1.0"],
+}
+
+
+def run_losses(datasets: dict[int, Path], out_root: Path, base: list[str]) -> dict:
+    """Each :data:`LOSSES` entry trained on each seed's dataset; per loss the runs and their spread."""
+    from debias.evaluate import load_eval_set
+
+    results: dict[str, dict] = {name: {"flags": extra, "runs": {}} for name, extra in LOSSES.items()}
+    for seed, dataset in datasets.items():
+        data = load_eval_set(str(dataset), "test")
+        for i, (name, extra) in enumerate(LOSSES.items()):
+            r = train_and_evaluate(
+                dataset, out_root / f"loss-{i}-seed{seed}", [*extra, "--seed", str(seed)], base, data
+            )
+            results[name]["runs"][seed] = r
+            print(f"{name}, seed {seed}: {json.dumps(r)}", flush=True)
+    for entry in results.values():
+        for key in ("mixed_rand", "bg_gap", "original"):
+            v = [r[key] for r in entry["runs"].values()]
+            entry[key] = {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
+    best = verdict(results)
+    return {"base_flags": base, "losses": results, "verdict": best}
+
+
+def verdict(results: dict) -> str:
+    """Does the best of the family beat InfoNCE by more than the seed spread (mixed_rand or BG-gap)?"""
+    names = list(results)
+    base = results[names[0]]
+    spread_mr = base["mixed_rand"]["max"] - base["mixed_rand"]["min"]
+    spread_gap = base["bg_gap"]["max"] - base["bg_gap"]["min"]
+    lines = []
+    for name in names[1:]:
+        r = results[name]
+        d_mr = r["mixed_rand"]["mean"] - base["mixed_rand"]["mean"]
+        d_gap = base["bg_gap"]["mean"] - r["bg_gap"]["mean"]
+        spread = max(spread_mr, r["mixed_rand"]["max"] - r["mixed_rand"]["min"])
+        spread_g = max(spread_gap, r["bg_gap"]["max"] - r["bg_gap"]["min"])
+        if d_mr > spread or d_gap > spread_g:
+            lines.append(
+                f"{name} beats InfoNCE (mixed_rand {d_mr:+.1f}, BG-gap {-d_gap:+.1f}) beyond the seed spread"
+            )
+    if lines:
+        return "; ".join(lines)
+    return (
+        "no loss of the family beats InfoNCE on mixed_rand or BG-gap by more than the seed spread "
+        f"(InfoNCE spread: mixed_rand {spread_mr:.1f}, BG-gap {spread_gap:.1f} points)"
+    )
+
+
+def generation_throughput(images: int = 16, steps: int = 10, runs: int = 3, work: Path | None = None) -> dict:
+    """Images/s of each generator on ``images`` 64-px anchors of the built-in benchmark (medians of runs).
+
+    Cut-and-paste positives; inpainting positives and removals, instruct-pix2pix background swaps and
+    img2img, with tiny random pipelines (``augment.tiny_diffusion``) at ``steps`` steps, batch 8.
+    """
+    import tempfile
+
+    from augment.sources import build_source
+    from augment.synthesize.composite import CompositeGenerator
+    from augment.synthesize.edit import Img2ImgGenerator, InstructEditGenerator
+    from augment.synthesize.inpaint import InpaintGenerator
+    from augment.tiny_diffusion import build_tiny_diffusion
+
+    src = build_source("synthetic", num_classes=9, image_size=64, train_per_class=max(2, images // 9 + 1))
+    samples = [src.load("train", i) for i in range(images)]
+    ims = [s.image for s in samples]
+    masks = [s.mask for s in samples]
+    seeds = list(range(images))
+    prompts = ["a photo of a field"] * images
+    root = Path(work or tempfile.mkdtemp())
+    knobs = {"steps": steps, "batch_size": 8, "device": "cpu"}
+    inpaint = InpaintGenerator.from_pretrained(build_tiny_diffusion(root / "inpaint", "inpaint"), **knobs)
+    ip2p = InstructEditGenerator.from_pretrained(
+        build_tiny_diffusion(root / "ip2p", "instruct-pix2pix"), **knobs
+    )
+    i2i = Img2ImgGenerator.from_pretrained(
+        build_tiny_diffusion(root / "img2img", "img2img"), strengths=(0.5,), **knobs
+    )
+    composite = CompositeGenerator()
+    partners = ims[1:] + ims[:1]
+    partner_masks = masks[1:] + masks[:1]
+    ways = {
+        "composite (cut-and-paste positive)": lambda: composite(
+            background_image=partners, background_mask=partner_masks, image=ims, mask_image=masks
+        ),
+        "inpaint positive (tiny pipeline)": lambda: inpaint.positive(ims, masks, prompts, seeds),
+        "inpaint remove (tiny pipeline)": lambda: inpaint.remove(ims, masks, prompts, seeds),
+        "instruct-pix2pix swap (tiny pipeline)": lambda: ip2p.swap_background(
+            ims, masks, ["a wall"] * images, ["a field"] * images, seeds
+        ),
+        "img2img, strength 0.5 (tiny pipeline)": lambda: i2i.positive(ims, masks, prompts, seeds),
+    }
+    times: dict[str, list[float]] = {k: [] for k in ways}
+    for way in ways.values():  # warm-up
+        way()
+    for _ in range(runs):
+        for name, way in ways.items():
+            t = time.perf_counter()
+            way()
+            times[name].append(time.perf_counter() - t)
+    return {
+        "images": images,
+        "image_size": 64,
+        "steps": steps,
+        "batch_size": 8,
+        "runs": runs,
+        "images_per_second": {k: round(images / statistics.median(v), 1) for k, v in times.items()},
+    }
+
+
+def gpu_step_costs(
+    batch_size: int = 64,
+    resolution: int = 224,
+    repeats: int = 30,
+    device: str = "cuda",
+    dtype: str = "bfloat16",
+    compile_model: bool = False,
+    config=None,
+) -> dict:
+    """ERM and CLAD (the paper's: anchor + positive in one pass) step times of a ResNet-50 (or
+    ``config``: a transformers ResNetConfig) under autocast, channels-last, with peak memory on CUDA."""
+    import torch
+    from transformers import ResNetConfig, ResNetForImageClassification
+
+    from debias.data import BatchAugment
+    from debias.models import ClassifierWithFeatures, Preprocessing
+    from debias.train import Objective
+
+    torch.manual_seed(0)
+    cfg = config or ResNetConfig(num_labels=9)  # the defaults are ResNet-50
+    model = ResNetForImageClassification(cfg).to(device).to(memory_format=torch.channels_last)
+    net = ClassifierWithFeatures(model).train()
+    runner = torch.compile(net) if compile_model else net
+    pre = Preprocessing(resolution, (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+    aug = BatchAugment(pre.mean, pre.std, scale=(0.7, 1.0)).to(device)
+    b, r = batch_size, resolution
+    g = torch.Generator().manual_seed(0)
+    batch = {
+        "anchor": torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, generator=g).to(device),
+        "label": torch.randint(0, 9, (b,), generator=g).to(device),
+        "positive": torch.randint(0, 256, (b, 3, r, r), dtype=torch.uint8, generator=g).to(device),
+        "positive_bg": torch.randint(0, 9, (b,), generator=g).to(device),
+        "has_positive": torch.ones(b, dtype=torch.bool, device=device),
+    }
+    args = Namespace(temperature=0.2, lambda_con=5.0, queue_size=32, paired_crops=True, channels_last=True)
+    objectives = {k: Objective(k, aug, 9, net.feature_dim, args) for k in ("erm", "clad")}
+    for o in objectives.values():
+        o.to(device)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    amp = getattr(torch, dtype)
+    cuda = str(device).startswith("cuda")
+
+    def step(kind: str) -> float:
+        if cuda:
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        with torch.autocast(device_type="cuda" if cuda else "cpu", dtype=amp):
+            loss, parts = objectives[kind](runner, batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        objectives[kind].after_step(parts)
+        if cuda:
+            torch.cuda.synchronize()
+        return time.perf_counter() - t
+
+    out: dict = {"batch_size": b, "resolution": r, "dtype": dtype, "compile": compile_model, "step_ms": {}}
+    for kind in ("erm", "clad"):
+        for _ in range(3):
+            step(kind)
+        if cuda:
+            torch.cuda.reset_peak_memory_stats()
+        times = [step(kind) for _ in range(repeats)]
+        out["step_ms"][kind] = round(1000 * statistics.median(times), 2)
+        if cuda:
+            out.setdefault("peak_memory_gib", {})[kind] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
+    out["train_step_ratio_clad_over_erm"] = round(out["step_ms"]["clad"] / out["step_ms"]["erm"], 3)
+    return out
 
 
 def run_demo(seed: int, preset: str, out_root: Path) -> dict:
@@ -310,6 +510,51 @@ def markdown(result: dict) -> str:
                 )
         lines.append(f"\nThe dictionary's push + lookup of 64 features: {r['step_ms']['dictionary']:.2f} ms.")
         lines.append("")
+    if "generation" in result:
+        g = result["generation"]
+        lines += [
+            f"### Generation throughput ({g['images']} anchors of 64 px, diffusion: tiny random pipelines, {g['steps']} steps, batch {g['batch_size']})",
+            "",
+            *provenance(g),
+            "| generator | images/s |",
+            "| --- | --- |",
+            *[f"| {k} | {v:.1f} |" for k, v in g["images_per_second"].items()],
+            "",
+        ]
+    if "gpu" in result:
+        gp = result["gpu"]
+        lines += [
+            f"### On a GPU: {gp['device']} (ResNet-50, 224 px, batch 64, bf16 autocast, channels-last)",
+            "",
+            *provenance(gp),
+            "| torch.compile | ERM step (ms) | CLAD step (ms) | train_step_ratio_clad_over_erm | peak memory ERM / CLAD (GiB) |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+        for r in gp["runs"]:
+            mem = r.get("peak_memory_gib", {})
+            lines.append(
+                f"| {'on' if r['compile'] else 'off'} | {r['step_ms']['erm']:.1f} | {r['step_ms']['clad']:.1f} | "
+                f"{r['train_step_ratio_clad_over_erm']:.2f} | {mem.get('erm', '-')} / {mem.get('clad', '-')} |"
+            )
+        lines.append("")
+    if "losses" in result:
+        lo = result["losses"]
+        lines += [
+            f"### The contrastive loss family (CLAD settings of the demo, seeds {lo['seeds']}: mean, and min..max)",
+            "",
+            *provenance(lo),
+            "| loss | flags | original | mixed_rand | bg_gap |",
+            "| --- | --- | --- | --- | --- |",
+        ]
+
+        def span(v: dict) -> str:
+            return f"{v['mean']:.1f} ({v['min']:.1f}..{v['max']:.1f})"
+
+        for name, r in lo["losses"].items():
+            lines.append(
+                f"| {name} | `{' '.join(r['flags']) or '-'}` | {span(r['original'])} | {span(r['mixed_rand'])} | {span(r['bg_gap'])} |"
+            )
+        lines += ["", f"Verdict: {lo['verdict']}.", ""]
     if "ablation" in result:
         lines += [
             "### CLAD with one setting changed (seed 0 demo dataset, test split, one run each)",
@@ -361,6 +606,22 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also train CLAD with one setting changed at a time on the seed-0 demo dataset (about 12 minutes)",
     )
+    p.add_argument(
+        "--generation",
+        action="store_true",
+        help="also time each generator (images/s; on by default with --quick)",
+    )
+    p.add_argument("--skip-generation", action="store_true", help="with --quick: leave the generators out")
+    p.add_argument(
+        "--gpu",
+        action="store_true",
+        help="also time ResNet-50 steps at 224 px on the GPU (bf16, channels-last, compile off/on); skipped without one",
+    )
+    p.add_argument(
+        "--losses",
+        action="store_true",
+        help="also train CLAD with each loss of the family on every seed's demo dataset (about 4 minutes per seed)",
+    )
     p.add_argument("--work-dir", default="outputs/bench", help="where the demo runs write")
     p.add_argument(
         "--write-docs", action="store_true", help="replace the generated section of docs/BENCHMARKS.md"
@@ -368,6 +629,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.quick:
         args.seeds, args.preset, args.repeats = args.seeds[:1], "small", min(args.repeats, 15)
+        args.step_runs = min(args.step_runs, 1)
+        args.generation = not args.skip_generation
     result: dict = {
         "command": "python scripts/bench.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "date": time.strftime("%Y-%m-%d"),
@@ -407,6 +670,39 @@ def main(argv: list[str] | None = None) -> int:
             "summary": summarise(runs),
             "targets": targets,
         }
+    if args.generation:
+        gen = generation_throughput(images=8 if args.quick else 16, runs=1 if args.quick else 3)
+        result["generation"] = {"command": result["command"], "date": result["date"], **gen}
+        print(f"generation: {json.dumps(gen)}", flush=True)
+    if args.gpu:
+        import torch
+
+        if torch.cuda.is_available():
+            result["gpu"] = {
+                "command": result["command"],
+                "date": result["date"],
+                "device": torch.cuda.get_device_name(0),
+                "runs": [gpu_step_costs(compile_model=c) for c in (False, True)],
+            }
+            print(f"gpu: {json.dumps(result['gpu'])}", flush=True)
+        else:
+            print("--gpu: no CUDA device here; the GPU section is left out", flush=True)
+    if args.losses:
+        datasets = {}
+        for seed in args.seeds:
+            dataset = ROOT / args.work_dir / f"demo-seed{seed}" / "dataset"
+            if not (dataset / "README.md").is_file():
+                print(f"generating {dataset} ...", flush=True)
+                run_demo(seed, args.preset, ROOT / args.work_dir)
+            datasets[seed] = dataset
+        base = DEMO_CLAD if not args.quick else [*DEMO_CLAD[:1], "3", *DEMO_CLAD[2:]]
+        result["losses"] = {
+            "command": result["command"],
+            "date": result["date"],
+            "seeds": args.seeds,
+            **run_losses(datasets, ROOT / args.work_dir, base),
+        }
+        print(f"losses: {result['losses']['verdict']}", flush=True)
     if args.ablation:
         dataset = ROOT / args.work_dir / f"demo-seed{args.seeds[0]}" / "dataset"
         if not (dataset / "README.md").is_file():
@@ -417,7 +713,7 @@ def main(argv: list[str] | None = None) -> int:
             "date": result["date"],
             **run_ablation(dataset, ROOT / args.work_dir),
         }
-    for section in ("steps", "demo", "ablation"):
+    for section in ("steps", "demo", "generation", "gpu", "losses", "ablation"):
         if section not in result and section in previous:
             result[section] = previous[section]
     Path(args.output).write_text(json.dumps(result, indent=2))
