@@ -227,6 +227,8 @@ LOSSES: dict[str, list[str]] = {
     "SupCon (positives: counterfactual + same-class originals)": ["--loss", "supcon"],
     "epsilon-SupInfoNCE": ["--loss", "eps-supinfonce"],
     "InfoNCE + FairKL": ["--fairkl-weight", "1.0"],
+    # not a loss: the cost/benefit of the default's gradient-free pass over one stored negative
+    "InfoNCE, no stored negatives (the paper's CLAD)": ["--max-stored-negatives", "0"],
 }
 
 
@@ -405,6 +407,27 @@ def gpu_step_costs(
             out.setdefault("peak_memory_gib", {})[kind] = round(torch.cuda.max_memory_allocated() / 2**30, 2)
     out["train_step_ratio_clad_over_erm"] = round(out["step_ms"]["clad"] / out["step_ms"]["erm"], 3)
     return out
+
+
+def demo_dataset(seed: int, preset: str, out_root: Path) -> Path:
+    """The demo's dataset for ``seed`` (generated with the demo's settings when not there yet)."""
+    from augment.pipeline import GenerateConfig, run
+    from debias.demo import _settings, build_parser
+
+    dataset = out_root / f"demo-seed{seed}" / "dataset"
+    if (dataset / "README.md").is_file():
+        return dataset
+    print(f"generating {dataset} ...", flush=True)
+    s = _settings(
+        build_parser().parse_args(["--output", str(dataset.parent), "--preset", preset, "--seed", str(seed)])
+    )
+    keys = ("num_classes", "image_size", "rho", "train_per_class", "validation_per_class", "test_per_class")
+    run(
+        GenerateConfig(
+            output=str(dataset), overwrite=True, seed=seed, progress=False, **{k: s[k] for k in keys}
+        )
+    )
+    return dataset
 
 
 def run_demo(seed: int, preset: str, out_root: Path) -> dict:
@@ -688,13 +711,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             print("--gpu: no CUDA device here; the GPU section is left out", flush=True)
     if args.losses:
-        datasets = {}
-        for seed in args.seeds:
-            dataset = ROOT / args.work_dir / f"demo-seed{seed}" / "dataset"
-            if not (dataset / "README.md").is_file():
-                print(f"generating {dataset} ...", flush=True)
-                run_demo(seed, args.preset, ROOT / args.work_dir)
-            datasets[seed] = dataset
+        datasets = {seed: demo_dataset(seed, args.preset, ROOT / args.work_dir) for seed in args.seeds}
         base = DEMO_CLAD if not args.quick else [*DEMO_CLAD[:1], "3", *DEMO_CLAD[2:]]
         result["losses"] = {
             "command": result["command"],
