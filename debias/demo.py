@@ -1,9 +1,16 @@
 """The main job: the whole pipeline on the built-in benchmark, offline, on a CPU.
 
 synthetic benchmark -> counterfactual dataset (composite positives and negatives) -> ERM, augment,
-CLAD and CLAD+ trained with the same budget -> Background Challenge evaluation of each -> one report
-(``report.json``, ``report.md``, ``report.png``) that shows which methods fell for the background
-shortcut.
+CLAD and CLAD+ trained with the same budget -> Background Challenge evaluation of each -> where each
+model looks (Grad-CAM and input gradients of the true class on the test originals, and their alignment
+with the object masks) -> one report (``report.json``, ``report.md``, ``report.png``,
+``saliency.png``) that shows which methods fell for the background shortcut.
+
+Saliency (``methods[m]["saliency"]`` in ``report.json``): :func:`debias.saliency.alignment_summary` of
+the Grad-CAM and input-gradient maps of every test original with a non-empty mask, computed in batches
+(a few seconds per model at the default preset). Grad-CAM is taken at the deepest convolutional stage
+whose map is at least 4 x 4 (``--saliency-layer`` to choose): the small ResNet's last stage has a 2 x 2
+map at 64 px, too coarse to tell an object from its background.
 """
 
 from __future__ import annotations
@@ -52,6 +59,8 @@ METHODS = ("erm", "augment", "clad", "clad+")
 # "original within 3 points of ERM" guards against CLAD paying for robustness with clean accuracy, so it is
 # checked one-sided: CLAD may be better than ERM on the originals by any amount.
 TARGETS = {"mixed_rand_gain_over_erm": 15.0, "clad_bg_gap_max": 5.0, "original_drop_max": 3.0}
+CAM_MIN_SIZE = 4  # the demo's Grad-CAM layer: the deepest stage with a map of at least 4 x 4
+SALIENCY_FIGURE_ROWS = 6  # test images in saliency.png: one per class
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -60,7 +69,8 @@ def build_parser() -> argparse.ArgumentParser:
         description=(
             "Run the whole pipeline on the built-in biased benchmark: generate the counterfactual dataset, train "
             "ERM, augment, CLAD and CLAD+ with the same budget, evaluate each on the Background Challenge variants, "
-            "and write report.json, report.md and report.png into --output. Offline, CPU by default."
+            "compute where each model looks (Grad-CAM, input gradients) on the test images, and write report.json, "
+            "report.md, report.png and saliency.png into --output. Offline, CPU by default."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -109,6 +119,17 @@ def build_parser() -> argparse.ArgumentParser:
         "--reuse-dataset",
         action="store_true",
         help="keep an existing OUTPUT/dataset instead of regenerating it",
+    )
+    p.add_argument(
+        "--no-saliency",
+        dest="saliency",
+        action="store_false",
+        help="skip the saliency maps, their mask alignment and saliency.png",
+    )
+    p.add_argument(
+        "--saliency-layer",
+        help="module name for Grad-CAM (default: the deepest convolutional stage whose map is at least "
+        f"{CAM_MIN_SIZE} x {CAM_MIN_SIZE})",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
@@ -167,6 +188,68 @@ def check_targets(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return checks
 
 
+def saliency_step(
+    model, preprocessing, data, examples: list[int], layer: str | None = None, batch_size: int = 128
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    """Grad-CAM and input gradients of the true class on every image of ``data`` (an
+    :class:`~debias.evaluate.EvalSet` with masks) whose mask is not empty, in batches.
+
+    Returns the summary for ``report.json`` (:func:`~debias.saliency.alignment_summary` per map kind,
+    the Grad-CAM layer and its map size, the seconds taken) and the maps of the images ``examples``
+    (indices into ``data``, each with a non-empty mask) for :func:`~debias.report.saliency_figure`.
+    """
+    import numpy as np
+    import torch
+
+    from .data import BatchAugment, resize_uint8
+    from .saliency import alignment_summary, find_cam_layer, grad_cam, input_gradients
+
+    t = time.perf_counter()
+    n = len(data.labels)
+    idx = np.flatnonzero(data.masks.reshape(n, -1).any(axis=1))
+    if not idx.size or not set(examples) <= set(idx.tolist()):
+        raise ValueError("saliency needs images with a non-empty mask, the examples among them")
+    images, masks, labels = data.images[idx], data.masks[idx], data.labels[idx]
+    device = next(model.parameters()).device
+    x = torch.as_tensor(images[:1]).permute(0, 3, 1, 2).to(device)
+    example = (
+        BatchAugment(preprocessing.mean, preprocessing.std)
+        .to(device)
+        .normalize(resize_uint8(x, preprocessing.resolution))
+    )
+    if layer is None:
+        try:
+            layer = find_cam_layer(model, example, min_size=CAM_MIN_SIZE)[0]
+        except ValueError:  # no map that large: the default layer
+            layer = find_cam_layer(model, example)[0]
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        raise ValueError(f"saliency layer {layer!r}: {type(model).__name__} has no module of that name")
+    shape: list[int] = []
+    handle = modules[layer].register_forward_hook(
+        lambda mod, inp, out: shape.extend(out.shape[-2:]) if not shape else None
+    )
+    try:
+        with torch.no_grad():
+            model(pixel_values=example)
+    finally:
+        handle.remove()
+    kwargs = dict(preprocessing=preprocessing, batch_size=batch_size)
+    maps = {
+        "grad_cam": grad_cam(model, images, labels, layer=layer, **kwargs),
+        "input_gradients": input_gradients(model, images, labels, **kwargs),
+    }
+    summary: dict[str, Any] = {kind: alignment_summary(m, masks) for kind, m in maps.items()}
+    summary.update(
+        layer=layer,
+        layer_map_size=f"{shape[0]}x{shape[1]}",
+        target="true class",
+        seconds=round(time.perf_counter() - t, 2),
+    )
+    rows = np.searchsorted(idx, np.asarray(examples, dtype=np.int64))
+    return summary, {kind: m[rows] for kind, m in maps.items()}
+
+
 def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     """Run the demo; returns the content of ``report.json``."""
     import torch
@@ -178,7 +261,14 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from . import train as trainer
     from .evaluate import evaluate_model, load_eval_set
     from .models import load_classifier
-    from .report import comparison_markdown, plot_methods, write_evaluation_report
+    from .report import (
+        comparison_markdown,
+        plot_methods,
+        saliency_examples,
+        saliency_figure,
+        saliency_markdown,
+        write_evaluation_report,
+    )
 
     hf_logging.disable_progress_bar()  # loading and saving small local models: no bars needed
     s = _settings(args)
@@ -214,6 +304,9 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     timings["generate"] = round(time.perf_counter() - t, 1)
 
     data = load_eval_set(str(dataset_dir), "test")
+    do_saliency = args.saliency and data.masks is not None and bool(data.masks.any())
+    examples = saliency_examples(data.labels, data.masks, SALIENCY_FIGURE_ROWS) if do_saliency else []
+    example_maps: dict[str, dict[str, Any]] = {}
     reports: dict[str, dict[str, Any]] = {}
     for method in s["methods"]:
         stage(f"training {method}")
@@ -256,14 +349,31 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             progress=args.progress,
         )
         report.update(model=str(model_dir), dataset=str(dataset_dir), split="test", training=train_summary)
-        write_evaluation_report(report, out / "eval" / method, title=f"{method} on the built-in benchmark")
         timings[f"evaluate_{method}"] = round(time.perf_counter() - t, 1)
+        if do_saliency:
+            t = time.perf_counter()
+            report["saliency"], example_maps[method] = saliency_step(
+                model, pre, data, examples, layer=args.saliency_layer
+            )
+            timings[f"saliency_{method}"] = round(time.perf_counter() - t, 1)
+        write_evaluation_report(report, out / "eval" / method, title=f"{method} on the built-in benchmark")
         reports[method] = report
         acc = report["accuracy"]
         print(
             f"{method}: original {acc['original']:.1f}  mixed_same {acc['mixed_same']:.1f}  mixed_rand {acc['mixed_rand']:.1f}  bg_gap {report['bg_gap']:.1f}",
             flush=True,
         )
+    if example_maps:
+        t = time.perf_counter()
+        saliency_figure(
+            data.images[examples],
+            data.masks[examples],
+            example_maps,
+            data.labels[examples],
+            data.class_names,
+            out / "saliency.png",
+        )
+        timings["saliency_figure"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t_all, 1)
     checks = check_targets(reports)
     result = {"methods": reports, "settings": s, "timings_seconds": timings, "targets": checks}
@@ -280,9 +390,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 f"{c['target']}: {c['value']:.1f} ({'met' if c['ok'] else 'NOT met'})" for c in checks
             )
         )
-    (out / "report.md").write_text(
-        comparison_markdown(reports, "Background reliance on the built-in benchmark", notes)
-    )
+    markdown = comparison_markdown(reports, "Background reliance on the built-in benchmark", notes)
+    if example_maps:
+        markdown += "\n" + saliency_markdown(reports, "saliency.png")
+    (out / "report.md").write_text(markdown)
     plot_methods(reports, out / "report.png")
     stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     print((out / "report.md").read_text())

@@ -147,3 +147,197 @@ def plot_methods(reports: dict[str, dict[str, Any]], path: str | os.PathLike, ti
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+# ----------------------------------------------------------------------------------------------
+# Saliency: where the models look (the demo)
+# ----------------------------------------------------------------------------------------------
+
+MAP_NAMES = {"grad_cam": "Grad-CAM", "input_gradients": "input grad."}
+# saliency.png's layout in pixels (at SALIENCY_DPI): one square cell per panel, margins for the row
+# labels (left), the title and column titles (top) and the legend (bottom)
+SALIENCY_DPI = 100
+SALIENCY_CELL_PX = 140
+SALIENCY_MARGINS_PX = {"left": 34, "top": 72, "bottom": 28}
+
+
+def saliency_figure_size(rows: int, columns: int) -> tuple[int, int]:
+    """Width and height in pixels of :func:`saliency_figure`'s PNG with ``rows`` images and ``columns``
+    panels per row (the image itself plus one per method and map)."""
+    m = SALIENCY_MARGINS_PX
+    return m["left"] + columns * SALIENCY_CELL_PX, m["top"] + rows * SALIENCY_CELL_PX + m["bottom"]
+
+
+def saliency_examples(labels, masks, max_images: int = 6) -> list[int]:
+    """Rows for :func:`saliency_figure`: the first image of each class (in class order) whose mask is not
+    empty, for up to ``max_images`` classes. ``labels``: (N,); ``masks``: (N, H, W)."""
+    import numpy as np
+
+    labels = np.asarray(labels)
+    has_object = np.asarray(masks).reshape(len(labels), -1).any(axis=1)
+    rows: list[int] = []
+    for c in np.unique(labels).tolist():
+        idx = np.flatnonzero((labels == c) & has_object)
+        if idx.size:
+            rows.append(int(idx[0]))
+        if len(rows) == max_images:
+            break
+    return rows
+
+
+def saliency_figure(
+    images,
+    masks,
+    maps_by_method: dict[str, dict[str, Any]],
+    labels,
+    class_names: list[str] | None,
+    path: str | os.PathLike,
+    title: str = "",
+) -> None:
+    """Write a PNG of saliency maps: one row per image, the image with its mask outlined, then for each
+    method (``maps_by_method`` order) each of its maps (its dict's order, e.g. ``{"grad_cam": maps,
+    "input_gradients": maps}``) over the greyed image, the mask outlined and the share of the map's mass
+    on the object written in the corner. The size in pixels is :func:`saliency_figure_size`.
+
+    Args:
+        images: (N, H, W, 3) uint8 (or floats in [0, 1]), one row each.
+        masks: (N, H, W) object masks, boolean or non-zero = object.
+        maps_by_method: method -> map name -> maps (N, H, W) in [0, 1]. Input-gradient maps
+            (``"input_gradients"``) are shown divided by their 99th percentile (clipped at 1), since
+            their mass is spread over many faint pixels; the number in the corner uses the maps as given.
+        labels: (N,) class index of each image; ``class_names`` names them in the row labels.
+    """
+    import numpy as np
+
+    from .saliency import saliency_mass_on_object
+
+    plt = _plt()
+    images = np.asarray(images)
+    if images.ndim != 4 or images.shape[-1] != 3:
+        raise ValueError(f"images must be (N, H, W, 3), got {images.shape}")
+    n, h, w = images.shape[:3]
+    masks = np.asarray(masks)
+    masks = masks if masks.dtype == bool else masks > 0
+    if masks.shape != (n, h, w):
+        raise ValueError(f"masks {masks.shape} do not match images {images.shape}")
+    labels = np.asarray(labels)
+    if labels.shape != (n,):
+        raise ValueError(f"labels must have shape ({n},), got {labels.shape}")
+    panels: list[tuple[str, str, np.ndarray]] = []
+    for method, maps in maps_by_method.items():
+        for kind, m in maps.items():
+            m = np.asarray(m, dtype=np.float64)
+            if m.shape != (n, h, w):
+                raise ValueError(f"maps_by_method[{method!r}][{kind!r}] is {m.shape}, not {(n, h, w)}")
+            panels.append((method, kind, m))
+    grey = images.astype(np.float64)
+    grey = grey / 255.0 if images.dtype == np.uint8 else grey
+    grey = grey @ np.array([0.299, 0.587, 0.114])
+
+    width, height = saliency_figure_size(n, 1 + len(panels))
+    fig = plt.figure(figsize=(width / SALIENCY_DPI, height / SALIENCY_DPI), dpi=SALIENCY_DPI)
+    mg, cell, pad = SALIENCY_MARGINS_PX, SALIENCY_CELL_PX, 5
+
+    def axes(row: int, col: int):
+        x0 = mg["left"] + col * cell + pad
+        y0 = height - mg["top"] - (row + 1) * cell + pad
+        ax = fig.add_axes((x0 / width, y0 / height, (cell - 2 * pad) / width, (cell - 2 * pad) / height))
+        ax.set_xticks([])
+        ax.set_yticks([])
+        return ax
+
+    def outline(ax, mask, colour):
+        if mask.any() and not mask.all():
+            ax.contour(mask.astype(float), levels=[0.5], colors=colour, linewidths=0.9)
+
+    for r in range(n):
+        ax = axes(r, 0)
+        ax.imshow(images[r], interpolation="nearest")
+        outline(ax, masks[r], "white")
+        y = int(labels[r])
+        ax.set_ylabel(class_names[y] if class_names and 0 <= y < len(class_names) else str(y), fontsize=9)
+        if r == 0:
+            ax.set_title("image\n(object outlined)", fontsize=8.5)
+        for c, (method, kind, maps) in enumerate(panels, start=1):
+            ax = axes(r, c)
+            shown = maps[r]
+            if kind == "input_gradients":
+                top = np.percentile(shown, 99)
+                shown = np.clip(shown / top, 0, 1) if top > 0 else shown
+            ax.imshow(grey[r], cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.imshow(shown, cmap="jet", vmin=0, vmax=1, alpha=0.5, interpolation="bilinear")
+            outline(ax, masks[r], "white")
+            share = saliency_mass_on_object(maps[r : r + 1], masks[r : r + 1])[0]
+            if not np.isnan(share):
+                ax.text(
+                    0.03,
+                    0.04,
+                    f"{100 * share:.0f}%",
+                    transform=ax.transAxes,
+                    fontsize=8,
+                    color="white",
+                    bbox=dict(boxstyle="round,pad=0.15", facecolor="black", alpha=0.6, linewidth=0),
+                )
+            if r == 0:
+                ax.set_title(f"{method}\n{MAP_NAMES.get(kind, kind)}", fontsize=8.5, fontweight="bold")
+    fig.suptitle(
+        title or "Where each model looks (target: the true class)",
+        y=1 - 8 / height,
+        fontsize=11,
+    )
+    fig.text(
+        0.5,
+        6 / height,
+        "Overlay: saliency (blue low, red high) on the greyed image; white line: the object's mask; "
+        "number: share of the map's mass on the object.",
+        ha="center",
+        va="bottom",
+        fontsize=8,
+    )
+    fig.savefig(path, dpi=SALIENCY_DPI)
+    plt.close(fig)
+
+
+def saliency_markdown(reports: dict[str, dict[str, Any]], figure: str | None = "saliency.png") -> str:
+    """A section with one row per method whose report has ``saliency`` (from the demo): IoU, Dice and
+    mass on the object of its Grad-CAM and input-gradient maps; and a link to ``figure``."""
+    rows = {m: r["saliency"] for m, r in reports.items() if r.get("saliency")}
+    if not rows:
+        return ""
+    kinds = [k for k in MAP_NAMES if any(k in s for s in rows.values())]
+    header = "| method | " + " | ".join(
+        f"{MAP_NAMES[k]} {col}" for k in kinds for col in ("IoU", "Dice", "mass on object")
+    )
+    lines = ["## Where the models look", "", header + " |", "|" + " --- |" * (1 + 3 * len(kinds))]
+    for method, s in rows.items():
+        cells = []
+        for k in kinds:
+            summ = s.get(k) or {}
+            cells += [_fmt(summ.get("iou")), _fmt(summ.get("dice")), _fmt(summ.get("mass_on_object"))]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    first = next(iter(rows.values()))
+    ref = next((first[k] for k in kinds if k in first), {})
+    lines += [
+        "",
+        "Saliency maps of the true class on the test originals with a non-empty mask "
+        f"({ref.get('num_with_mask', 'n/a')} images), in percent. IoU and Dice binarise each map by keeping "
+        "as many of its most salient pixels as the mask has; mass on object is the share of the map's total "
+        f"mass inside the mask (a map spread evenly scores the objects' mean area, {_fmt(ref.get('object_area'))}).",
+        f"Grad-CAM layer: `{first.get('layer', 'n/a')}` (map {first.get('layer_map_size', 'n/a')}). "
+        "Higher = the model looks at the object rather than the background.",
+    ]
+    zero = [
+        f"{m} {MAP_NAMES[k]} {s[k]['num_with_mask'] - s[k]['num_with_mass']}"
+        for m, s in rows.items()
+        for k in kinds
+        if k in s and s[k]["num_with_mass"] < s[k]["num_with_mask"]
+    ]
+    if zero:
+        lines += [
+            "",
+            "Maps that are zero everywhere (no positive evidence for the true class) have no mass and are left "
+            "out of the mass column: " + ", ".join(zero) + ".",
+        ]
+    if figure:
+        lines += ["", f"![Grad-CAM and input gradients per method]({figure})"]
+    return "\n".join(lines) + "\n"

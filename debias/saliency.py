@@ -17,6 +17,11 @@
   the ``|mask|``-th most salient one, never a pixel of saliency 0), so a map that ranks the object's
   pixels first scores 1 whatever its scale. ``threshold=0.5`` is the Hard ImageNet release's rule
   (pixels with a normalised Grad-CAM value >= 0.5); ``top_fraction=f`` keeps the top ``f`` of the image.
+  :func:`saliency_dice` is the Dice coefficient ``2 |S & M| / (|S| + |M|)`` of the same binarised map
+  ``S`` and mask ``M``.
+* :func:`saliency_mass_on_object`: no binarisation: the share of the map's total (non-negative) mass
+  that lies inside the mask. A map spread evenly over the image scores the mask's area fraction, the
+  chance level that :func:`alignment_summary` reports beside the means (``object_area``).
 
 The target class ``y`` is ``labels`` when given (the Hard ImageNet release uses the true class), else
 the predicted class. Images are either model-ready ``pixel_values`` (a float tensor (N, 3, H, W),
@@ -33,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from typing import Any
 
 import numpy as np
 import torch
@@ -124,9 +130,16 @@ def _resize_maps(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     return F.interpolate(maps[:, None], size=size, mode="bilinear", align_corners=False)[:, 0]
 
 
-def find_cam_layer(model: nn.Module, pixel_values: torch.Tensor) -> tuple[str, nn.Module]:
+def find_cam_layer(
+    model: nn.Module, pixel_values: torch.Tensor, min_size: int | None = None
+) -> tuple[str, nn.Module]:
     """The default Grad-CAM layer (see the module docstring) and its name, found by one forward pass
-    (in eval mode, where the model is left)."""
+    (in eval mode, where the model is left).
+
+    ``min_size``: instead, the last such module whose map is at least ``min_size`` x ``min_size``
+    (a finer map than the last stage's where that one has only a few cells, e.g. 2 x 2 for a
+    64 px input to the project's small ResNet).
+    """
     model.eval()
     names = {m: n for n, m in model.named_modules()}
     finished: list[nn.Module] = []
@@ -137,6 +150,7 @@ def find_cam_layer(model: nn.Module, pixel_values: torch.Tensor) -> tuple[str, n
             and output.ndim == 4
             and output.is_floating_point()
             and output.shape[-1] * output.shape[-2] > 1
+            and (min_size is None or min(output.shape[-2:]) >= min_size)
             and not isinstance(module, _POOLING)
             and any(isinstance(m, nn.Conv2d) for m in module.modules())
         ):
@@ -150,8 +164,9 @@ def find_cam_layer(model: nn.Module, pixel_values: torch.Tensor) -> tuple[str, n
         for h in handles:
             h.remove()
     if not finished:
+        size = f" of at least {min_size} x {min_size}" if min_size is not None else ""
         raise ValueError(
-            f"{type(model).__name__} has no convolutional layer with a spatial output; pass `layer=`"
+            f"{type(model).__name__} has no convolutional layer with a spatial output{size}; pass `layer=`"
         )
     return names[finished[-1]], finished[-1]
 
@@ -288,8 +303,8 @@ def binarize(
     else:
         if masks is None:
             raise ValueError("the default binarisation keeps as many pixels as the mask has: pass masks")
-        ks = _as_masks(masks, maps.shape).reshape(n, -1).sum(axis=1)
-    flat = maps.reshape(n, -1)
+        ks = _per_image(_as_masks(masks, maps.shape))
+    flat = maps.reshape(n, h * w)
     out = np.zeros_like(flat, dtype=bool)
     for i, k in enumerate(ks.tolist()):
         if k <= 0:
@@ -297,6 +312,11 @@ def binarize(
         kth = np.partition(flat[i], flat.shape[1] - k)[flat.shape[1] - k]  # the k-th largest value
         out[i] = (flat[i] >= kth) & (flat[i] > 0)
     return out.reshape(maps.shape)
+
+
+def _per_image(x: np.ndarray) -> np.ndarray:
+    """Per-image sums (N,) of an (N, H, W) array (N may be 0)."""
+    return x.reshape(x.shape[0], int(np.prod(x.shape[1:]))).sum(axis=1)
 
 
 def _as_masks(masks, shape: tuple[int, ...]) -> np.ndarray:
@@ -317,14 +337,110 @@ def saliency_iou(
     maps); ``top_fraction``: the top fraction of the image's pixels. ``masks``: (N, H, W), boolean or
     non-zero = object, the same shape as ``maps``.
     """
+    inter, sal_area, area = _overlap(maps, masks, top_fraction, threshold)
+    iou = np.full(len(area), np.nan)
+    ok = area > 0
+    iou[ok] = inter[ok] / (sal_area[ok] + area[ok] - inter[ok])
+    return iou
+
+
+def _overlap(maps, masks, top_fraction, threshold) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per image: |S & M|, |S| and |M| for the binarised map S and the mask M."""
     maps = np.asarray(maps, dtype=np.float64)
     m = _as_masks(masks, maps.shape)
     sal = binarize(maps, m, threshold=threshold, top_fraction=top_fraction)
-    n = len(maps)
-    inter = (sal & m).reshape(n, -1).sum(axis=1)
-    union = (sal | m).reshape(n, -1).sum(axis=1)
-    area = m.reshape(n, -1).sum(axis=1)
-    iou = np.full(n, np.nan)
+    return _per_image(sal & m), _per_image(sal), _per_image(m)
+
+
+def _dice(inter: np.ndarray, sal_area: np.ndarray, area: np.ndarray) -> np.ndarray:
+    dice = np.full(len(area), np.nan)
     ok = area > 0
-    iou[ok] = inter[ok] / union[ok]
-    return iou
+    dice[ok] = 2 * inter[ok] / (sal_area[ok] + area[ok])
+    return dice
+
+
+def saliency_dice(
+    maps, masks, top_fraction: float | None = None, threshold: float | None = None
+) -> np.ndarray:
+    """Dice coefficient (N,) of each binarised saliency map with its object mask; NaN where the mask is
+    empty.
+
+    ``2 |S & M| / (|S| + |M|)`` with ``S`` the map binarised by the rules of :func:`saliency_iou` (the
+    same arguments) and ``M`` the mask. Dice = 2 IoU / (1 + IoU), image by image.
+    """
+    return _dice(*_overlap(maps, masks, top_fraction, threshold))
+
+
+def saliency_mass_on_object(maps, masks) -> np.ndarray:
+    """Share (N,) of each map's total mass that lies inside its object mask, in [0, 1].
+
+    ``sum(map * mask) / sum(map)`` per image; NaN where the mask is empty or the map is zero everywhere.
+    ``maps``: (N, H, W), non-negative (as Grad-CAM and input-gradient maps are; a negative value raises
+    ``ValueError``); ``masks``: the same shape, boolean or non-zero = object.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    if maps.ndim != 3:
+        raise ValueError(f"maps must be (N, H, W), got {maps.shape}")
+    m = _as_masks(masks, maps.shape)
+    if (maps < 0).any():
+        raise ValueError("maps must be non-negative to measure their mass (got negative values)")
+    total, inside, area = _per_image(maps), _per_image(np.where(m, maps, 0.0)), _per_image(m)
+    share = np.full(len(maps), np.nan)
+    ok = (area > 0) & (total > 0)
+    share[ok] = inside[ok] / total[ok]
+    return share
+
+
+def _binarization_name(top_fraction: float | None, threshold: float | None) -> str:
+    if threshold is not None:
+        return f"map >= {threshold:g}"
+    if top_fraction is not None:
+        return f"top {100 * top_fraction:g}% of the image"
+    return "top-|mask| pixels"
+
+
+def alignment_summary(
+    maps, masks, top_fraction: float | None = None, threshold: float | None = None
+) -> dict[str, Any]:
+    """How well saliency ``maps`` (N, H, W) fall on the objects of ``masks`` (N, H, W): means in percent.
+
+    Returns a JSON-ready dict:
+
+    * ``iou``, ``dice``: mean :func:`saliency_iou` and :func:`saliency_dice` (binarisation by
+      ``top_fraction`` / ``threshold`` as there, named in ``binarization``) over the ``num_with_mask``
+      images whose mask is not empty;
+    * ``mass_on_object``: mean :func:`saliency_mass_on_object` over the ``num_with_mass`` images whose mask
+      is not empty and whose map is not zero everywhere;
+    * ``object_area``: mean share of the image the mask covers, over the ``num_with_mask`` images: the
+      ``mass_on_object`` of a map spread evenly over the image (chance level);
+    * ``num_images``: N.
+
+    A mean over no image is ``None``. The per-image functions give fractions; the summary gives percent,
+    as the project's reports do. Everything is vectorised over N (one binarisation serves IoU and Dice);
+    for more maps than fit in memory, summarise chunks and combine their means weighted by the counts.
+    """
+    maps = np.asarray(maps, dtype=np.float64)
+    m = _as_masks(masks, maps.shape)
+    inter, sal_area, area = _overlap(maps, m, top_fraction, threshold)
+    has_mask = area > 0
+    iou = np.full(len(area), np.nan)
+    iou[has_mask] = inter[has_mask] / (sal_area + area - inter)[has_mask]
+    dice = _dice(inter, sal_area, area)
+    mass = saliency_mass_on_object(maps, m)
+    n = len(maps)
+    area = area / float(np.prod(maps.shape[1:]))
+
+    def pct(v: np.ndarray) -> float | None:
+        v = v[~np.isnan(v)]
+        return 100.0 * float(v.mean()) if v.size else None
+
+    return {
+        "iou": pct(iou),
+        "dice": pct(dice),
+        "mass_on_object": pct(mass),
+        "object_area": pct(np.where(has_mask, area, np.nan)),
+        "num_images": n,
+        "num_with_mask": int(has_mask.sum()),
+        "num_with_mass": int((~np.isnan(mass)).sum()),
+        "binarization": _binarization_name(top_fraction, threshold),
+    }

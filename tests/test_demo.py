@@ -24,6 +24,22 @@ def test_demo_tiny_end_to_end(tmp_path):
     assert "| clad+ |" in md and "Targets:" in md
     assert "done in" in proc.stdout
     assert (out / "dataset" / "preview.png").is_file()
+    # where the models look: alignment of Grad-CAM and input gradients with the masks, and the figure
+    from PIL import Image
+
+    from debias.report import saliency_figure_size
+
+    for method, r in report["methods"].items():
+        sal = r["saliency"]
+        for kind in ("grad_cam", "input_gradients"):
+            assert set(sal[kind]) >= {"iou", "dice", "mass_on_object", "num_with_mask"}, (method, kind)
+            assert sal[kind]["num_with_mask"] == 18  # every test original (3 classes x 6)
+            assert 0 <= sal[kind]["iou"] <= 100 and 0 <= sal[kind]["dice"] <= 100
+        assert sal["layer"] == "stages.1" and sal["layer_map_size"] == "4x4"
+        assert f"saliency_{method}" in report["timings_seconds"]
+    with Image.open(out / "saliency.png") as im:
+        assert im.size == saliency_figure_size(3, 1 + 2 * 4)  # one row per class; image + 2 maps x 4 methods
+    assert "## Where the models look" in md and "(saliency.png)" in md
 
 
 @pytest.mark.parametrize("script", ["generate.py", "train.py", "evaluate.py", "demo.py"])

@@ -9,7 +9,16 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from debias.models import Preprocessing
-from debias.saliency import binarize, find_cam_layer, grad_cam, input_gradients, saliency_iou
+from debias.saliency import (
+    alignment_summary,
+    binarize,
+    find_cam_layer,
+    grad_cam,
+    input_gradients,
+    saliency_dice,
+    saliency_iou,
+    saliency_mass_on_object,
+)
 
 S = 32
 
@@ -203,3 +212,156 @@ def test_saliency_iou_rules():
         saliency_iou(maps, masks[:, :2])
     with pytest.raises(ValueError, match="not both"):
         saliency_iou(maps, masks, threshold=0.5, top_fraction=0.1)
+
+
+def _rule_maps():
+    """The maps and masks of test_saliency_iou_rules, plus a map that is zero everywhere."""
+    maps = np.zeros((4, 4, 4))
+    maps[0, 0, :] = [0.9, 0.8, 0.7, 0.6]
+    maps[0, 1, 0] = 0.5
+    maps[1] = maps[0]
+    maps[2, 0, 0] = 1.0
+    masks = np.zeros((4, 4, 4), dtype=bool)
+    masks[0, 0, :] = True
+    masks[1, 0, :2] = True
+    masks[2, 0, :2] = True
+    masks[3, 1:3, 1:3] = True  # image 3: a 2x2 object, a map that is zero everywhere
+    return maps, masks
+
+
+def test_saliency_dice_and_mass_exact():
+    maps, masks = _rule_maps()
+    # default rule: S = top-|mask| non-zero pixels; Dice = 2 |S & M| / (|S| + |M|)
+    np.testing.assert_allclose(saliency_dice(maps, masks), [1.0, 1.0, 2 * 1 / (1 + 2), 0.0])
+    # map >= 0.5: 5 pixels on images 0 and 1, one on image 2, none on image 3
+    np.testing.assert_allclose(
+        saliency_dice(maps, masks, threshold=0.5), [2 * 4 / 9, 2 * 2 / 7, 2 * 1 / 3, 0.0]
+    )
+    # top quarter (4 pixels): the top row on images 0 and 1, the single non-zero pixel on image 2
+    np.testing.assert_allclose(
+        saliency_dice(maps, masks, top_fraction=0.25), [1.0, 2 * 2 / 6, 2 * 1 / 3, 0.0]
+    )
+    # mass: sum(map * mask) / sum(map); the map of image 3 has no mass
+    mass = saliency_mass_on_object(maps, masks)
+    np.testing.assert_allclose(mass[:3], [3.0 / 3.5, 1.7 / 3.5, 1.0])
+    assert np.isnan(mass[3])
+    # scale does not matter; a uniform map scores the mask's area fraction
+    np.testing.assert_allclose(saliency_mass_on_object(7 * maps[:3], masks[:3]), mass[:3])
+    np.testing.assert_allclose(
+        saliency_mass_on_object(np.ones((4, 4, 4)), masks), [4 / 16, 2 / 16, 2 / 16, 4 / 16]
+    )
+    # empty masks: NaN for both
+    empty = np.zeros((1, 4, 4), dtype=bool)
+    assert np.isnan(saliency_dice(maps[:1], empty)[0]) and np.isnan(
+        saliency_mass_on_object(maps[:1], empty)[0]
+    )
+    np.testing.assert_allclose(saliency_mass_on_object(maps, masks.astype(np.uint8) * 255)[:3], mass[:3])
+    with pytest.raises(ValueError, match="non-negative"):
+        saliency_mass_on_object(-maps, masks)
+    with pytest.raises(ValueError, match="differ in shape"):
+        saliency_dice(maps, masks[:, :2])
+
+
+def _reference(maps, masks):
+    """IoU, Dice and mass share by plain loops over pixels (the default binarisation)."""
+    out = []
+    for mp, mk in zip(maps, masks):
+        values = sorted(mp.ravel().tolist(), reverse=True)
+        k = int(mk.sum())
+        kth = values[k - 1] if k else np.inf
+        inter = union = sal = inside = total = 0.0
+        for v, m in zip(mp.ravel().tolist(), mk.ravel().tolist()):
+            s = v >= kth and v > 0
+            inter += s and m
+            union += s or m
+            sal += s
+            inside += v * m
+            total += v
+        if not k:
+            out.append((np.nan, np.nan, np.nan))
+            continue
+        out.append((inter / union, 2 * inter / (sal + k), inside / total if total > 0 else np.nan))
+    return np.array(out)
+
+
+@pytest.mark.parametrize("shape", [(5, 6, 6), (3, 8, 5), (1, 3, 3)])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_alignment_against_a_loop_reference(shape, seed):
+    rng = np.random.default_rng(seed)
+    maps = rng.random(shape) * (rng.random(shape) > 0.3)  # ties at zero
+    maps[0] = np.round(maps[0], 1)  # ties above zero
+    masks = rng.random(shape) > 0.6
+    masks[-1] = False if shape[0] > 1 else masks[-1]
+    ref = _reference(maps, masks)
+    iou, dice, mass = (
+        saliency_iou(maps, masks),
+        saliency_dice(maps, masks),
+        saliency_mass_on_object(maps, masks),
+    )
+    np.testing.assert_allclose(np.stack([iou, dice, mass], axis=1), ref, equal_nan=True)
+    ok = ~np.isnan(iou)
+    np.testing.assert_allclose(dice[ok], 2 * iou[ok] / (1 + iou[ok]))
+
+
+def test_alignment_summary_exact():
+    maps, masks = _rule_maps()
+    maps = np.concatenate([maps, maps[:1]])
+    masks = np.concatenate([masks, np.zeros((1, 4, 4), dtype=bool)])  # image 4: no object, not counted
+    s = alignment_summary(maps, masks)
+    assert s["num_images"] == 5 and s["num_with_mask"] == 4 and s["num_with_mass"] == 3
+    assert s["iou"] == pytest.approx(100 * (1 + 1 + 0.5 + 0) / 4)
+    assert s["dice"] == pytest.approx(100 * (1 + 1 + 2 / 3 + 0) / 4)
+    assert s["mass_on_object"] == pytest.approx(100 * (3.0 / 3.5 + 1.7 / 3.5 + 1.0) / 3)
+    assert s["object_area"] == pytest.approx(100 * (4 + 2 + 2 + 4) / 16 / 4)
+    assert s["binarization"] == "top-|mask| pixels"
+    half = alignment_summary(maps, masks, threshold=0.5)
+    assert half["iou"] == pytest.approx(100 * (4 / 5 + 2 / 5 + 1 / 2 + 0) / 4)
+    assert half["binarization"] == "map >= 0.5"
+    assert alignment_summary(maps, masks, top_fraction=0.25)["binarization"] == "top 25% of the image"
+    none = alignment_summary(maps[4:], masks[4:])
+    assert none["iou"] is None and none["mass_on_object"] is None and none["num_with_mask"] == 0
+    assert alignment_summary(np.zeros((0, 4, 4)), np.zeros((0, 4, 4), dtype=bool))["iou"] is None
+    import json
+
+    json.dumps(s, allow_nan=False)  # plain JSON
+
+
+def test_find_cam_layer_min_size():
+    model, _ = _tiny_models()[0]  # 64 px: stem 16x16, stages 16, 8, 4, 2
+    x = torch.randn(1, 3, 64, 64)
+    assert find_cam_layer(model, x)[0] == "stages"
+    assert find_cam_layer(model, x, min_size=4)[0] == "stages.2"
+    assert find_cam_layer(model, x, min_size=8)[0] == "stages.1"
+    with pytest.raises(ValueError, match="at least 64 x 64"):
+        find_cam_layer(model, x, min_size=64)
+
+
+def test_saliency_figure_size_and_examples(tmp_path):
+    from PIL import Image
+
+    from debias.report import saliency_examples, saliency_figure, saliency_figure_size
+
+    rng = np.random.default_rng(0)
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    masks = np.zeros((2, 16, 16), dtype=bool)
+    masks[:, 4:12, 4:12] = True
+    maps = rng.random((2, 16, 16))
+    by_method = {
+        "erm": {"grad_cam": maps, "input_gradients": maps**4},
+        "clad": {"grad_cam": 1 - maps},
+    }
+    path = tmp_path / "saliency.png"
+    saliency_figure(images, masks, by_method, [1, 0], ["cat", "dog"], path)
+    with Image.open(path) as im:
+        assert im.size == saliency_figure_size(2, 1 + 3)  # the image, then three maps
+        pixels = np.asarray(im.convert("RGB"))
+    assert saliency_figure_size(2, 4) == (34 + 4 * 140, 72 + 2 * 140 + 28)
+    assert pixels.std() > 10  # not blank
+    with pytest.raises(ValueError, match="maps_by_method"):
+        saliency_figure(images, masks, {"erm": {"grad_cam": maps[:1]}}, [1, 0], None, path)
+    # one image per class, the first with an object, in class order
+    labels = np.array([1, 0, 1, 2, 0])
+    ex_masks = np.ones((5, 4, 4), dtype=bool)
+    ex_masks[1] = False
+    assert saliency_examples(labels, ex_masks) == [4, 0, 3]
+    assert saliency_examples(labels, ex_masks, max_images=2) == [4, 0]
