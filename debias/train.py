@@ -126,6 +126,13 @@ def build_parser() -> argparse.ArgumentParser:
         "default; 0.1 is a small margin, a cosine margin of eps * tau = 0.02 at tau 0.2)",
     )
     p.add_argument(
+        "--no-class-positives",
+        dest="class_positives",
+        action="store_false",
+        help="supcon / eps-supinfonce: only the counterfactual positive is a positive (by default the other "
+        "originals of the class in the batch are too; on a biased dataset they mostly share the background)",
+    )
+    p.add_argument(
         "--fairkl-weight",
         type=float,
         default=0.0,
@@ -250,6 +257,7 @@ class Objective(torch.nn.Module):
         self.eps = getattr(args, "eps", 0.1)
         self.fairkl_weight = getattr(args, "fairkl_weight", 0.0)
         self.fairkl_bandwidth = getattr(args, "fairkl_bandwidth", 0.05)
+        self.class_positives = getattr(args, "class_positives", True)
         self.contrastive = method in ("clad", "clad+")
         self.paired = getattr(args, "paired_crops", False) and self.contrastive
         self.memory_format = (
@@ -363,7 +371,8 @@ class Objective(torch.nn.Module):
         of the negative dictionary (num_keys * queue_size, constants) and the stored negatives' features
         (B * max_stored_negatives, constants). Masks (B, M), for anchor i of class y_i:
 
-        * ``pos``: i's own positive (when it has one) and the other anchors of class y_i (never i itself);
+        * ``pos``: i's own positive (when it has one) and, unless ``--no-class-positives``, the other
+          anchors of class y_i (never i itself);
         * ``neg``: CLAD's negatives of i: valid dictionary entries of key y_i and i's own stored negatives;
         * ``fair_neg`` (FairKL only): ``neg`` plus the other classes' anchors and positives in the batch,
           so that both background groups occur among the negatives;
@@ -385,8 +394,9 @@ class Objective(torch.nn.Module):
         same_class = y[:, None] == y[None, :]
         feats = [zp, z, dict_feats]
         bgs = [batch["positive_bg"].long(), anchor_bg, dict_key]
-        pos = [eye & has_pos[:, None], same_class & ~eye, torch.zeros(b, k * q, dtype=torch.bool, device=dev)]
         no = torch.zeros(b, b, dtype=torch.bool, device=dev)
+        others = same_class & ~eye if self.class_positives else no
+        pos = [eye & has_pos[:, None], others, torch.zeros(b, k * q, dtype=torch.bool, device=dev)]
         neg = [no, no, (dict_key[None, :] == y[:, None]) & dict_valid[None, :]]
         if neg_feats is not None:
             s = neg_feats.shape[1]

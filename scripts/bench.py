@@ -226,31 +226,40 @@ LOSSES: dict[str, list[str]] = {
     "InfoNCE (CLAD, the default)": [],
     "SupCon (positives: counterfactual + same-class originals)": ["--loss", "supcon"],
     "epsilon-SupInfoNCE": ["--loss", "eps-supinfonce"],
+    "SupCon, counterfactual positive only": ["--loss", "supcon", "--no-class-positives"],
+    "epsilon-SupInfoNCE, counterfactual positive only": ["--loss", "eps-supinfonce", "--no-class-positives"],
     "InfoNCE + FairKL": ["--fairkl-weight", "1.0"],
     # not a loss: the cost/benefit of the default's gradient-free pass over one stored negative
     "InfoNCE, no stored negatives (the paper's CLAD)": ["--max-stored-negatives", "0"],
 }
 
 
-def run_losses(datasets: dict[int, Path], out_root: Path, base: list[str]) -> dict:
-    """Each :data:`LOSSES` entry trained on each seed's dataset; per loss the runs and their spread."""
+def run_losses(
+    datasets: dict[int, Path], out_root: Path, base: list[str], only=None, previous: dict | None = None
+) -> dict:
+    """Each :data:`LOSSES` entry (those whose name contains a word of ``only``) trained on each seed's
+    dataset; per loss the runs and their spread. Entries of ``previous`` not rerun are kept."""
     from debias.evaluate import load_eval_set
 
-    results: dict[str, dict] = {name: {"flags": extra, "runs": {}} for name, extra in LOSSES.items()}
+    chosen = {n: e for n, e in LOSSES.items() if not only or any(w in n for w in only)}
+    results: dict[str, dict] = {name: {"flags": extra, "runs": {}} for name, extra in chosen.items()}
     for seed, dataset in datasets.items():
         data = load_eval_set(str(dataset), "test")
-        for i, (name, extra) in enumerate(LOSSES.items()):
+        for name, extra in chosen.items():
+            i = list(LOSSES).index(name)
             r = train_and_evaluate(
                 dataset, out_root / f"loss-{i}-seed{seed}", [*extra, "--seed", str(seed)], base, data
             )
             results[name]["runs"][seed] = r
             print(f"{name}, seed {seed}: {json.dumps(r)}", flush=True)
     for entry in results.values():
+        entry["runs"] = {int(k): v for k, v in entry["runs"].items()}
         for key in ("mixed_rand", "bg_gap", "original"):
             v = [r[key] for r in entry["runs"].values()]
             entry[key] = {"mean": statistics.fmean(v), "min": min(v), "max": max(v)}
-    best = verdict(results)
-    return {"base_flags": base, "losses": results, "verdict": best}
+    kept = (previous or {}).get("losses", {})
+    merged = {n: results[n] if n in results else kept[n] for n in LOSSES if n in results or n in kept}
+    return {"base_flags": base, "losses": merged, "verdict": verdict(merged)}
 
 
 def verdict(results: dict) -> str:
@@ -645,6 +654,12 @@ def main(argv: list[str] | None = None) -> int:
         action="store_true",
         help="also train CLAD with each loss of the family on every seed's demo dataset (about 4 minutes per seed)",
     )
+    p.add_argument(
+        "--only-losses",
+        nargs="+",
+        metavar="NAME",
+        help="with --losses: only the entries whose name contains one of these words (merged into --reuse's)",
+    )
     p.add_argument("--work-dir", default="outputs/bench", help="where the demo runs write")
     p.add_argument(
         "--write-docs", action="store_true", help="replace the generated section of docs/BENCHMARKS.md"
@@ -717,7 +732,7 @@ def main(argv: list[str] | None = None) -> int:
             "command": result["command"],
             "date": result["date"],
             "seeds": args.seeds,
-            **run_losses(datasets, ROOT / args.work_dir, base),
+            **run_losses(datasets, ROOT / args.work_dir, base, args.only_losses, previous.get("losses")),
         }
         print(f"losses: {result['losses']['verdict']}", flush=True)
     if args.ablation:

@@ -251,3 +251,26 @@ def test_loss_family_trains_and_records_its_flags(tiny_dataset, tmp_path, extra)
     )
     assert recorded["eps"] == float(flags.get("--eps", 0.1))
     assert json.loads((out / "train_summary.json").read_text())["loss"] == flags["--loss"]
+
+
+@pytest.mark.parametrize("class_positives", [True, False])
+def test_candidate_positives_with_and_without_same_class_originals(class_positives):
+    from argparse import Namespace
+
+    from debias.train import Objective
+
+    args = Namespace(
+        temperature=0.2, lambda_con=1.0, queue_size=2, loss="supcon", class_positives=class_positives
+    )
+    obj = Objective("clad", None, 3, 4, args)
+    y = torch.tensor([0, 0, 1, 2])
+    batch = {"label": y, "has_positive": torch.tensor([True, True, False, True]), "positive_bg": y}
+    z, zp = torch.randn(4, 4), torch.randn(4, 4)
+    c = obj.candidate_set(z, zp, batch, None)
+    own = torch.eye(4, dtype=torch.bool) & batch["has_positive"][:, None]
+    assert torch.equal(c["pos"][:, :4], own)  # each anchor's own counterfactual, if it has one
+    same_class = (y[:, None] == y[None, :]) & ~torch.eye(4, dtype=torch.bool)
+    assert torch.equal(
+        c["pos"][:, 4:8], same_class if class_positives else torch.zeros(4, 4, dtype=torch.bool)
+    )
+    assert not c["pos"][:, 8:].any()  # dictionary entries are never positives
