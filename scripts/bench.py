@@ -229,6 +229,7 @@ LOSSES: dict[str, list[str]] = {
     "SupCon, counterfactual positive only": ["--loss", "supcon", "--no-class-positives"],
     "epsilon-SupInfoNCE, counterfactual positive only": ["--loss", "eps-supinfonce", "--no-class-positives"],
     "InfoNCE + FairKL": ["--fairkl-weight", "1.0"],
+    "InfoNCE + FairKL, weight 0.1": ["--fairkl-weight", "0.1"],
     # not a loss: the cost/benefit of the default's gradient-free pass over one stored negative
     "InfoNCE, no stored negatives (the paper's CLAD)": ["--max-stored-negatives", "0"],
 }
