@@ -32,9 +32,9 @@ import yaml
 from PIL import Image, ImageDraw
 
 from . import __version__
+from .sources.base import SPLIT_ORDER, order_splits
 
 KINDS = ("original", "positive", "negative", "generated")
-SPLIT_ORDER = ("train", "validation", "test")
 
 
 def dataset_features(class_names: Sequence[str]):
@@ -259,7 +259,7 @@ class DatasetWriter:
         """Write everything still buffered, the rejected tables, the card and the preview."""
         for split in list(self._buffers):
             self._flush(split)
-        splits = [s for s in SPLIT_ORDER if s in self._shards] + sorted(set(self._shards) - set(SPLIT_ORDER))
+        splits = order_splits(self._shards)
         if not splits:
             raise RuntimeError(f"no rows were written to {self.output_dir}: every input was rejected")
         for split in splits:

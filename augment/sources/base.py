@@ -9,6 +9,22 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+# split names as the writer orders them; other names follow, sorted
+SPLIT_ORDER = ("train", "validation", "test")
+# what folders and datasets call their validation split
+SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
+
+
+def canonical_split(name: str) -> str:
+    """``val``, ``valid`` and ``dev`` (any case) are ``validation``; other names are kept."""
+    return SPLIT_ALIASES.get(name.lower(), name)
+
+
+def order_splits(names) -> list[str]:
+    """``names`` in the order train, validation, test, then the others sorted."""
+    names = set(names)
+    return [s for s in SPLIT_ORDER if s in names] + sorted(names - set(SPLIT_ORDER))
+
 
 class RejectedInput(Exception):
     """An input a stage cannot use. The pipeline records it in the ``rejected`` table and moves on.

@@ -18,10 +18,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import RejectedInput, Sample, Source
-
-SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-SPLIT_ORDER = ["train", "validation", "test"]
+from .base import RejectedInput, Sample, Source, canonical_split, order_splits
 
 
 def read_rgb(path: Path) -> Image.Image:
@@ -100,7 +97,7 @@ class ImageFolderSource(Source):
             raise FileNotFoundError(f"--mask-dir {self.mask_root} is not a folder")
         found: dict[str, Path] = {}
         for d in sorted(p for p in self.root.iterdir() if p.is_dir() and not p.name.startswith(".")):
-            split = SPLIT_ALIASES.get(d.name.lower(), d.name)
+            split = canonical_split(d.name)
             if split in found:
                 raise ValueError(
                     f"{self.root}: both {found[split].name}/ and {d.name}/ would be split {split!r}"
@@ -146,7 +143,7 @@ class ImageFolderSource(Source):
             self._labels[split] = np.asarray(labels, dtype=np.int64)
 
     def splits(self) -> list[str]:
-        return [s for s in SPLIT_ORDER if s in self._files] + sorted(set(self._files) - set(SPLIT_ORDER))
+        return order_splits(self._files)
 
     def size(self, split: str) -> int:
         return len(self._files[split])

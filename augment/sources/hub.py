@@ -32,14 +32,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
-from .base import RejectedInput, Sample, Source
-
-SPLIT_ALIASES = {"val": "validation", "valid": "validation", "dev": "validation"}
-SPLIT_ORDER = ["train", "validation", "test"]
-
-
-def _canonical_split(name: str) -> str:
-    return SPLIT_ALIASES.get(name.lower(), name)
+from .base import RejectedInput, Sample, Source, canonical_split, order_splits
 
 
 def _folder_fingerprint(root: Path) -> str:
@@ -217,14 +210,14 @@ class HubSource(Source):
         dd = load_any(self.data_dir, revision)
         found: dict[str, str] = {}  # canonical split name -> the dataset's own name
         for raw in dd:
-            split = _canonical_split(raw)
+            split = canonical_split(raw)
             if split in found:
                 raise ValueError(
                     f"{self.data_dir}: both splits {found[split]!r} and {raw!r} would be {split!r}"
                 )
             found[split] = raw
         if splits:
-            wanted = [_canonical_split(s) for s in splits]
+            wanted = [canonical_split(s) for s in splits]
             missing = [s for s, w in zip(splits, wanted) if w not in found]
             if missing:
                 raise ValueError(
@@ -379,7 +372,7 @@ class HubSource(Source):
 
     # -- Source ------------------------------------------------------------------------------------
     def splits(self) -> list[str]:
-        return [s for s in SPLIT_ORDER if s in self._rows] + sorted(set(self._rows) - set(SPLIT_ORDER))
+        return order_splits(self._rows)
 
     def size(self, split: str) -> int:
         return len(self._rows[split])
