@@ -272,7 +272,28 @@ def _scale_boxes(boxes: Sequence[Sequence[float]], size, input_size) -> list[lis
     return [[b[0] * sx, b[1] * sy, b[2] * sx, b[3] * sy] for b in boxes]
 
 
-class TransformersSam:
+class _SamBackend:
+    """The loop both SAM backends share: per image, its boxes mapped into the model's input frame and
+    decoded together on the stored embedding (:meth:`_decode`, one call per image)."""
+
+    def masks_from_boxes(self, embedded: Embedded, boxes_per_image: Sequence[Sequence]) -> list[np.ndarray]:
+        """Per image a bool array ``(len(boxes), H, W)`` at the original size (``(0, H, W)`` for no boxes)."""
+        out = []
+        for i, boxes in enumerate(boxes_per_image):
+            h, w = embedded.sizes[i]
+            if not boxes:
+                out.append(np.zeros((0, h, w), dtype=bool))
+                continue
+            out.append(
+                self._decode(embedded, i, _scale_boxes(boxes, embedded.sizes[i], embedded.input_sizes[i]))
+            )
+        return out
+
+    def _decode(self, embedded: Embedded, i: int, scaled: list[list[float]]) -> np.ndarray:
+        raise NotImplementedError
+
+
+class TransformersSam(_SamBackend):
     """SAM through transformers (``SamModel`` + ``SamProcessor``): the vision encoder runs once per
     image (``get_image_embeddings``, batched over images); each image's boxes are then decoded
     together in one prompt-only forward (``image_embeddings=``) and upscaled to the original size
@@ -331,30 +352,21 @@ class TransformersSam:
             [tuple(int(v) for v in s) for s in enc["reshaped_input_sizes"].tolist()],
         )
 
-    def masks_from_boxes(self, embedded: Embedded, boxes_per_image: Sequence[Sequence]) -> list[np.ndarray]:
-        """Per image a bool array ``(len(boxes), H, W)`` at the original size (``(0, H, W)`` for no boxes)."""
+    def _decode(self, embedded: Embedded, i: int, scaled: list[list[float]]) -> np.ndarray:
         import torch
 
-        out = []
-        for i, boxes in enumerate(boxes_per_image):
-            h, w = embedded.sizes[i]
-            if not boxes:
-                out.append(np.zeros((0, h, w), dtype=bool))
-                continue
-            scaled = _scale_boxes(boxes, embedded.sizes[i], embedded.input_sizes[i])
-            # float32 boxes: the model normalises them to [0, 1] before casting to its own dtype
-            input_boxes = torch.tensor([scaled], dtype=torch.float32, device=self.device)
-            with torch.inference_mode():
-                pred = self.model(
-                    image_embeddings=embedded.embeddings[i : i + 1],
-                    input_boxes=input_boxes,
-                    multimask_output=False,
-                ).pred_masks  # (1, boxes, 1, h', w') logits
-            masks = self.processor.post_process_masks(
-                [pred[0].float().cpu()], [embedded.sizes[i]], [embedded.input_sizes[i]]
-            )[0]
-            out.append(masks[:, 0].numpy().astype(bool))
-        return out
+        # float32 boxes: the model normalises them to [0, 1] before casting to its own dtype
+        input_boxes = torch.tensor([scaled], dtype=torch.float32, device=self.device)
+        with torch.inference_mode():
+            pred = self.model(
+                image_embeddings=embedded.embeddings[i : i + 1],
+                input_boxes=input_boxes,
+                multimask_output=False,
+            ).pred_masks  # (1, boxes, 1, h', w') logits
+        masks = self.processor.post_process_masks(
+            [pred[0].float().cpu()], [embedded.sizes[i]], [embedded.input_sizes[i]]
+        )[0]
+        return masks[:, 0].numpy().astype(bool)
 
 
 def import_segment_anything():
@@ -388,7 +400,7 @@ def import_segment_anything():
             del sys.modules["segment_anything"]
 
 
-class SegmentAnythingSam:
+class SegmentAnythingSam(_SamBackend):
     """SAM from the original ``segment-anything`` package (``Sam`` module with ``image_encoder``,
     ``prompt_encoder``, ``mask_decoder``), with this module's own preprocessing in place of its
     torchvision-based ``ResizeLongestSide``: resize so the longest side is the encoder's ``img_size``
@@ -476,34 +488,23 @@ class SegmentAnythingSam:
             embeddings = self.model.image_encoder(torch.stack(batch))
         return Embedded(embeddings, sizes, input_sizes)
 
-    def masks_from_boxes(self, embedded: Embedded, boxes_per_image: Sequence[Sequence]) -> list[np.ndarray]:
+    def _decode(self, embedded: Embedded, i: int, scaled: list[list[float]]) -> np.ndarray:
         import torch
 
-        out = []
-        for i, boxes in enumerate(boxes_per_image):
-            h, w = embedded.sizes[i]
-            if not boxes:
-                out.append(np.zeros((0, h, w), dtype=bool))
-                continue
-            scaled = torch.tensor(
-                _scale_boxes(boxes, embedded.sizes[i], embedded.input_sizes[i]),
-                dtype=torch.float32,
-                device=self.device,
+        boxes = torch.tensor(scaled, dtype=torch.float32, device=self.device)
+        with torch.inference_mode(), self._autocast():
+            sparse, dense = self.model.prompt_encoder(points=None, boxes=boxes, masks=None)
+            low_res, _ = self.model.mask_decoder(
+                image_embeddings=embedded.embeddings[i : i + 1],
+                image_pe=self.model.prompt_encoder.get_dense_pe(),
+                sparse_prompt_embeddings=sparse,
+                dense_prompt_embeddings=dense,
+                multimask_output=False,
             )
-            with torch.inference_mode(), self._autocast():
-                sparse, dense = self.model.prompt_encoder(points=None, boxes=scaled, masks=None)
-                low_res, _ = self.model.mask_decoder(
-                    image_embeddings=embedded.embeddings[i : i + 1],
-                    image_pe=self.model.prompt_encoder.get_dense_pe(),
-                    sparse_prompt_embeddings=sparse,
-                    dense_prompt_embeddings=dense,
-                    multimask_output=False,
-                )
-                masks = self.model.postprocess_masks(
-                    low_res.float(), input_size=embedded.input_sizes[i], original_size=(h, w)
-                )
-            out.append((masks[:, 0] > self.model.mask_threshold).cpu().numpy())
-        return out
+            masks = self.model.postprocess_masks(
+                low_res.float(), input_size=embedded.input_sizes[i], original_size=embedded.sizes[i]
+            )
+        return (masks[:, 0] > self.model.mask_threshold).cpu().numpy()
 
 
 # ----------------------------------------------------------------------------------------------
