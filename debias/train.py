@@ -35,6 +35,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import sys
 import time
 from pathlib import Path
@@ -442,6 +443,9 @@ class TrainProgress:
         self.best_metric = -math.inf
         self.best_epoch = -1
         self.history: list[dict[str, Any]] = []
+        # the running sums of the epoch in progress, so that a run resumed mid-epoch logs the same means
+        self.epoch_sums: dict[str, float] = {}
+        self.epoch_count = 0
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -449,6 +453,8 @@ class TrainProgress:
             "best_metric": self.best_metric,
             "best_epoch": self.best_epoch,
             "history": json.dumps(self.history),
+            "epoch_sums": json.dumps(self.epoch_sums),
+            "epoch_count": self.epoch_count,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -456,6 +462,8 @@ class TrainProgress:
         self.best_metric = float(state["best_metric"])
         self.best_epoch = int(state["best_epoch"])
         self.history = json.loads(state["history"])
+        self.epoch_sums = json.loads(state.get("epoch_sums", "{}"))
+        self.epoch_count = int(state.get("epoch_count", 0))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -574,6 +582,13 @@ def save_checkpoint(accelerator, args, progress: TrainProgress, best_state: dict
 # ----------------------------------------------------------------------------------------------
 
 
+def _fault_point(step: int) -> None:
+    """Fault injection for the resume tests: ``DEBIAS_FAULT_KILL_AT_STEP=k`` kills this process with
+    SIGKILL right after checkpoint k is written (no clean-up runs, as in a real crash)."""
+    if os.environ.get("DEBIAS_FAULT_KILL_AT_STEP") == str(step):
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def _lr_factor(step: int, steps_per_epoch: int, decay_epochs: list[int], gamma: float) -> float:
     epoch = step // max(steps_per_epoch, 1)
     return gamma ** sum(1 for e in decay_epochs if epoch >= e)
@@ -666,8 +681,9 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_set.set_epoch(epoch)
         loader.set_epoch(epoch)
         active = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
-        sums: dict[str, float] = {}
-        count = 0
+        if not (epoch == start_epoch and skip):
+            progress.epoch_sums, progress.epoch_count = {}, 0
+        sums = progress.epoch_sums
         t_epoch = time.perf_counter()
         for batch in active:
             with accelerator.accumulate(wrapped):
@@ -682,22 +698,26 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if k != "push":
                     sums[k] = sums.get(k, 0.0) + float(v)
             sums["loss"] = sums.get("loss", 0.0) + float(loss.detach())
-            count += 1
+            progress.epoch_count += 1
             if accelerator.sync_gradients:
                 progress.global_step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{float(loss.detach()):.3f}", epoch=epoch)
-                if args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0:
-                    save_checkpoint(accelerator, args, progress, best_state)
-                    last_saved = progress.global_step
+                epoch_end = progress.global_step % steps_per_epoch == 0
                 if progress.global_step >= max_steps:
                     done = True
+                due = args.checkpointing_steps and progress.global_step % args.checkpointing_steps == 0
+                if due and not (epoch_end or done):
+                    save_checkpoint(accelerator, args, progress, best_state)
+                    last_saved = progress.global_step
+                    _fault_point(progress.global_step)
+                if done:
                     break
         entry: dict[str, Any] = {
             "epoch": epoch,
             "step": progress.global_step,
             "lr": scheduler.get_last_lr()[0],
-            **{k: v / max(count, 1) for k, v in sums.items()},
+            **{k: v / max(progress.epoch_count, 1) for k, v in sums.items()},
             "seconds": round(time.perf_counter() - t_epoch, 3),
         }
         if val is not None:
@@ -714,6 +734,16 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             with open(log_path, "a") as f:
                 f.write(json.dumps(entry) + "\n")
         skip = 0
+        # a checkpoint due at the epoch's last step is written after the epoch's validation and model
+        # selection, so that a run resumed from it has the same history and best model as one that was not
+        if (
+            args.checkpointing_steps
+            and progress.global_step % args.checkpointing_steps == 0
+            and last_saved != progress.global_step
+        ):
+            save_checkpoint(accelerator, args, progress, best_state)
+            last_saved = progress.global_step
+            _fault_point(progress.global_step)
     bar.close()
     if last_saved != progress.global_step:  # the final state, so that a rerun can resume (or stop at once)
         save_checkpoint(accelerator, args, progress, best_state)
@@ -728,6 +758,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "method": args.method,
         "loss": getattr(args, "loss", "infonce") if args.method in ("clad", "clad+") else None,
         "steps": progress.global_step,
+        "steps_per_epoch": steps_per_epoch,
         "epochs_run": len({h["epoch"] for h in progress.history}),
         "best_epoch": progress.best_epoch,
         "best_validation": best_val,
