@@ -12,9 +12,10 @@ clad+      CE(x) + CE(x+) + lambda * InfoNCE(x, x+, x-)
 =========  ===========================================================================
 
 The negatives of an anchor of class y are the ``--queue-size`` entries of key y of the negative
-dictionary (:mod:`debias.negatives`) plus its stored ``kind=negative`` rows (in-batch). Anchors and
-positives go through the model in one forward pass; stored negatives, whose features the loss treats
-as constants as it does the dictionary's, in a second one without gradients.
+dictionary (:mod:`debias.negatives`), as in the CLAD paper, plus, with ``--max-stored-negatives`` k > 0,
+k of its stored ``kind=negative`` rows (in-batch). Anchors and positives go through the model in one
+forward pass; stored negatives, whose features the loss treats as constants as it does the
+dictionary's, in a second one without gradients.
 
 ``--loss`` picks the contrastive term (:mod:`debias.losses`): ``infonce`` (CLAD's, one positive), or
 ``supcon`` / ``eps-supinfonce`` with several positives per anchor: its counterfactual positive and the
@@ -157,8 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--max-stored-negatives",
         type=int,
-        default=1,
-        help="stored kind=negative rows used per anchor and step, drawn per epoch (0: the dictionary only, as the CLAD paper)",
+        default=0,
+        help="stored kind=negative rows used per anchor and step, drawn per epoch, through a third, gradient-free "
+        "forward pass (default 0: the dictionary only, as the CLAD paper; 1 costs about +19%% step time for about "
+        "+1 point of mixed_rand on the built-in benchmark, see docs/BENCHMARKS.md)",
     )
     p.add_argument(
         "--crop-scale", type=float, nargs=2, default=[0.7, 1.0], help="random resized crop area range"
