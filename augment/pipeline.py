@@ -28,7 +28,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, render
+from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, EDIT_TEXTURE, render
 
 from .annotate import Annotation, Annotator
 from .dataset import DatasetWriter, Row
@@ -40,7 +40,7 @@ from .synthesize.composite import CompositeGenerator
 
 NEGATIVE_KINDS = ("remove", "replace")
 SOURCES = ("folder", "bgchallenge", "hardimagenet", "hub")  # the sources read from --data-dir
-POSITIVE_GENERATORS = ("composite", "inpaint", "edit")
+POSITIVE_GENERATORS = ("composite", "inpaint", "edit", "texture")
 
 
 @dataclass
@@ -67,9 +67,12 @@ class GenerateConfig:
     num_positives: int = 1
     negatives: list[str] = field(default_factory=lambda: list(NEGATIVE_KINDS))
     positives: str = "composite"
+    # --positives texture: where the new texture comes from (augment/synthesize/texture.py)
+    texture_source: str = "dataset"
     shard_size: int = 2000
     overwrite: bool = False
     # synthetic source
+    bias: str = "background"
     num_classes: int = 9
     image_size: int = 64
     rho: float = 0.95
@@ -121,8 +124,11 @@ class GenerateConfig:
     progress: bool = True
 
     def source_kwargs(self) -> dict[str, Any]:
+        if self.source != "synthetic" and self.bias != "background":
+            raise ValueError(f"--bias {self.bias} applies to --source synthetic only, not {self.source}")
         if self.source == "synthetic":
             return {
+                "bias": self.bias,
                 "num_classes": self.num_classes,
                 "image_size": self.image_size,
                 "rho": self.rho,
@@ -291,6 +297,14 @@ class CounterfactualBuilder:
         self.positive_generator = positive_generator
         self.negative_generator = negative_generator
         self.filters = filters
+        # --positives texture: negatives carry the anchor's texture, cut by this (None otherwise)
+        self.texture_cutter = None
+        if positive_generator is not None and positive_generator.name == "texture":
+            from .synthesize.texture import TextureGenerator
+
+            self.texture_cutter = (
+                positive_generator if isinstance(positive_generator, TextureGenerator) else TextureGenerator()
+            )
         # with a diffusion generator, anchors are built a chunk at a time (full batches)
         self.batched = positive_generator is not None or negative_generator is not None
 
@@ -373,6 +387,9 @@ class CounterfactualBuilder:
         row_id = f"{anchor.id}/positive/{k}"
         where = anchor.path or anchor.id
         gen = self.positive_generator
+        if gen is not None and gen.name == "texture":
+            self._plan_texture_positive(anchor, row_id, f"positive/{k}", rows, rejections, jobs)
+            return
         if gen is None:
             partner, why = self._partner(anchor, f"positive/{k}")
             if partner is None:
@@ -432,7 +449,136 @@ class CounterfactualBuilder:
         else:
             jobs.append(_Job(op="positive", prompt=render(CAPTION_BACKGROUND, background=alt), **common))
 
+    # -- texture counterfactuals (--positives texture) ------------------------------------------
+    def _texture_words(self, sample: Sample, name: str | None = None) -> str:
+        """``"{texture} {object}"`` when the sample's texture has a name, else the object's name."""
+        name = name or self._name(sample)
+        return f"{sample.meta['texture']} {name}" if sample.meta.get("texture") else name
+
+    def _plan_texture_positive(self, anchor, row_id, role, rows, rejections, jobs) -> None:
+        """The anchor's shape (mask) filled with another class's texture (augment/synthesize/texture.py)."""
+        from .sources.synthetic import TEXTURE_WORDS
+        from .synthesize.texture import choose_family
+
+        gen, where = self.positive_generator, anchor.path or anchor.id
+        seed = item_seed(self.config.seed, row_id)
+        source = gen.texture_source
+        partner = family = patch = None
+        if source in ("dataset", "edit"):
+            partner, why = self._partner(anchor, role)
+            if partner is None:
+                rejections.append((row_id, gen.name, f"{where}: {why}"))
+                return
+        if source == "dataset":
+            patch = gen.patch(partner.image, partner.mask)
+            if patch is None:
+                rejections.append(
+                    (
+                        row_id,
+                        gen.name,
+                        f"{where}: partner {partner.id}'s object is too small to cut a texture from",
+                    )
+                )
+                return
+        extra: dict[str, Any] = {"texture_source": source}
+        if partner is not None:
+            extra["texture_source_id"] = partner.id
+        word = partner.meta.get("texture") if partner is not None else None
+        if source == "procedural" or (source == "edit" and not word):
+            family = choose_family(gen.num_families, {anchor.label, anchor.bg_label}, seed)
+            word = TEXTURE_WORDS[family]
+        bg_label = family if family is not None else background_class(partner)
+        name = self._name(anchor)
+        obj = f"{word} {name}" if word else name
+        caption = scene_caption(obj, background_name(anchor))
+        bg_phrases = list(anchor.meta.get("bg_phrases", []))
+        if source == "edit":
+            prompt = (
+                render(EDIT_TEXTURE, object=name, texture=word)
+                if gen.editor.name == "instruct-pix2pix"
+                else render(CAPTION_LABEL, label=obj)
+            )
+            extra["texture"] = word
+            jobs.append(
+                _Job(
+                    anchor=anchor,
+                    row_id=row_id,
+                    kind="positive",
+                    op="texture",
+                    prompt=prompt,
+                    label=anchor.label,
+                    bg_label=bg_label,
+                    caption=caption,
+                    bg_phrases=bg_phrases,
+                    extra=extra,
+                )
+            )
+            return
+        out = gen([anchor.image], [anchor.mask], [seed], patches=[patch], families=[family])
+        rows.append(
+            Row(
+                id=row_id,
+                image=out.images[0],
+                mask=out.masks[0],
+                label=anchor.label,
+                bg_label=bg_label,
+                kind="positive",
+                source_id=anchor.id,
+                caption=caption,
+                bg_phrases=bg_phrases,
+                recipe={**out.recipes[0], **extra},
+            )
+        )
+
+    def _plan_texture_negative(self, anchor, k, neg, rows, rejections) -> None:
+        """The anchor's own texture on another class's shape (replace), or alone (remove, label -1)."""
+        row_id = f"{anchor.id}/negative/{k}"
+        where = anchor.path or anchor.id
+        cutter = self.texture_cutter
+        patch = cutter.patch(anchor.image, anchor.mask)
+        if patch is None:
+            rejections.append(
+                (row_id, cutter.name, f"{where}: the object is too small to cut its texture from")
+            )
+            return
+        seed = item_seed(self.config.seed, row_id)
+        extra: dict[str, Any] = {"negative": neg, "texture_source_id": anchor.id}
+        word = anchor.meta.get("texture")
+        if neg == "replace":
+            partner, why = self._partner(anchor, f"negative/{k}")
+            if partner is None:
+                rejections.append((row_id, cutter.name, f"{where}: {why}"))
+                return
+            out = cutter(
+                [partner.image], [partner.mask], [seed], patches=[patch], operation="texture_on_shape"
+            )
+            label, extra["object_source_id"] = partner.label, partner.id
+            name = self._name(partner)
+            caption = scene_caption(f"{word} {name}" if word else name, background_name(partner))
+            bg_phrases = list(partner.meta.get("bg_phrases", []))
+        else:
+            out = cutter([anchor.image], [None], [seed], patches=[patch])
+            label, bg_phrases = -1, []
+            caption = render(CAPTION_BACKGROUND, background=f"a {word} texture") if word else ""
+        rows.append(
+            Row(
+                id=row_id,
+                image=out.images[0],
+                mask=out.masks[0],
+                label=label,
+                bg_label=background_class(anchor),
+                kind="negative",
+                source_id=anchor.id,
+                caption=caption,
+                bg_phrases=bg_phrases,
+                recipe={**out.recipes[0], **extra},
+            )
+        )
+
     def _plan_negative(self, anchor, k, neg, rows, rejections, jobs) -> None:
+        if self.texture_cutter is not None:
+            self._plan_texture_negative(anchor, k, neg, rows, rejections)
+            return
         row_id = f"{anchor.id}/negative/{k}"
         where = anchor.path or anchor.id
         bg_name = background_name(anchor)
@@ -510,7 +656,7 @@ class CounterfactualBuilder:
     def _run(self, jobs: list[_Job]) -> tuple[list[Row], list[tuple[str, str, str]]]:
         """Run the diffusion jobs, one generator call per operation, then filter and make rows."""
         made: list[tuple[_Job, Any, Any, dict[str, Any], str]] = []  # job, image, mask, recipe, row id
-        for op in ("positive", "swap", "img2img", "remove", "replace"):
+        for op in ("positive", "swap", "img2img", "texture", "remove", "replace"):
             group = [j for j in jobs if j.op == op]
             if not group:
                 continue
@@ -721,7 +867,11 @@ def build_generators(config: GenerateConfig):
         return inpaint
 
     positive = negative = None
-    if config.positives == "inpaint":
+    if config.positives == "texture":
+        positive = build_texture_generator(config, common, knobs)
+        if positive.texture_source != "edit":  # no model, nothing to filter
+            return positive, None, None
+    elif config.positives == "inpaint":
         positive = inpainter()
     elif config.positives == "edit" and config.edit_kind == "instruct":
         from .synthesize.edit import InstructEditGenerator
@@ -742,6 +892,41 @@ def build_generators(config: GenerateConfig):
 
         filters = Filters.from_config(config.filters, device=config.device)
     return positive, negative, filters
+
+
+def build_texture_generator(config: GenerateConfig, common: dict[str, Any], knobs: dict[str, Any]):
+    """``--positives texture``: a :class:`~.synthesize.texture.TextureGenerator` (dataset or procedural
+    textures) or, with ``--texture-source edit``, a :class:`~.synthesize.texture.TextureEditGenerator`
+    around the ``--edit-kind`` model."""
+    from .sources.synthetic import BACKGROUND_NAMES
+    from .synthesize.texture import TEXTURE_SOURCES, TextureEditGenerator, TextureGenerator
+
+    if config.texture_source not in TEXTURE_SOURCES:
+        raise ValueError(
+            f"--texture-source must be one of {list(TEXTURE_SOURCES)}, got {config.texture_source!r}"
+        )
+    if config.negative_generator != "composite":
+        raise ValueError(
+            "--positives texture makes its own negatives (the anchor's texture on another class's shape); "
+            f"--negative-generator {config.negative_generator} does not apply"
+        )
+    families = (
+        min(config.num_classes, len(BACKGROUND_NAMES))
+        if config.source == "synthetic"
+        else len(BACKGROUND_NAMES)
+    )
+    if config.texture_source != "edit":
+        return TextureGenerator(config.texture_source, num_families=max(2, families))
+    from .synthesize.edit import Img2ImgGenerator, InstructEditGenerator
+
+    if config.edit_kind == "instruct":
+        extra = {"image_guidance": config.image_guidance} if config.image_guidance is not None else {}
+        knobs = {k: v for k, v in knobs.items() if k != "negative_prompt"}
+        editor = InstructEditGenerator.from_pretrained(config.edit_model, **common, **knobs, **extra)
+    else:
+        extra = {"strengths": tuple(config.strengths)} if config.strengths else {}
+        editor = Img2ImgGenerator.from_pretrained(config.img2img_model, **common, **knobs, **extra)
+    return TextureEditGenerator(editor, num_families=max(2, families))
 
 
 def build_annotator(config: GenerateConfig, class_names: list[str]) -> Annotator:
@@ -883,7 +1068,18 @@ def build_parser() -> argparse.ArgumentParser:
         choices=POSITIVE_GENERATORS,
         help="positive generator: composite (cut-and-paste onto another class's background), inpaint "
         "(keep the object, repaint the background from an alternative-background phrase), edit "
-        "(--edit-kind instruct: 'turn the background of {bg} into {alt}'; img2img: DA-Fusion strengths)",
+        "(--edit-kind instruct: 'turn the background of {bg} into {alt}'; img2img: DA-Fusion strengths), "
+        "texture (keep the object's shape, replace its texture: see --texture-source)",
+    )
+    p.add_argument(
+        "--texture-source",
+        choices=["dataset", "procedural", "edit"],
+        default="dataset",
+        help="--positives texture: the object's shape is kept and its inside refilled with another class's "
+        "texture, cut from inside the object of an image of another class (dataset), drawn by the built-in "
+        "benchmark's texture renderers (procedural), or painted by --edit-kind's model from a texture prompt "
+        "and kept inside the mask only (edit); negatives then carry the anchor's texture on another class's "
+        "shape (replace) or alone (remove)",
     )
     p.add_argument("--num-positives", type=int, default=1, help="positives per original")
     p.add_argument(
@@ -901,9 +1097,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--shard-size", type=int, default=2000, help="rows per parquet shard")
     g = p.add_argument_group("synthetic source")
+    g.add_argument(
+        "--bias",
+        choices=["background", "texture"],
+        default="background",
+        help="the shortcut: class-correlated backgrounds behind the shapes, or class-correlated textures "
+        "filling them on plain backgrounds (bg_label = texture family; extra test splits cue_conflict, "
+        "silhouette, texture_only)",
+    )
     g.add_argument("--num-classes", type=int, default=9, help="classes (= background families)")
     g.add_argument("--image-size", type=int, default=64, help="image side in pixels")
-    g.add_argument("--rho", type=float, default=0.95, help="P(background family = class) in every split")
+    g.add_argument(
+        "--rho",
+        type=float,
+        default=0.95,
+        help="P(background family = class) in every split (texture family with --bias texture)",
+    )
     g.add_argument("--train-per-class", type=int, default=300)
     g.add_argument("--validation-per-class", type=int, default=50)
     g.add_argument("--test-per-class", type=int, default=100)
@@ -968,7 +1177,10 @@ def build_parser() -> argparse.ArgumentParser:
         "diffusers/stable-diffusion-xl-1.0-inpainting-0.1",
     )
     g.add_argument(
-        "--edit-kind", choices=["instruct", "img2img"], default="instruct", help="--positives edit"
+        "--edit-kind",
+        choices=["instruct", "img2img"],
+        default="instruct",
+        help="--positives edit, and --positives texture --texture-source edit",
     )
     g.add_argument("--edit-model", default="timbrooks/instruct-pix2pix", metavar="ID_OR_PATH")
     g.add_argument(

@@ -11,6 +11,12 @@ the Grad-CAM and input-gradient maps of every test original with a non-empty mas
 (a few seconds per model at the default preset). Grad-CAM is taken at the deepest convolutional stage
 whose map is at least 4 x 4 (``--saliency-layer`` to choose): the small ResNet's last stage has a 2 x 2
 map at 64 px, too coarse to tell an object from its background.
+
+``--bias texture`` runs the same comparison on the texture benchmark (shapes filled with a
+class-correlated texture, ``augment.sources.synthetic.SyntheticTextures``): the positives keep each
+object's shape and take another class's texture (``--positives texture``), the negatives put the
+anchor's texture on another class's shape, and the report shows the accuracy on the cue_conflict,
+silhouette and texture_only splits and the shape bias.
 """
 
 from __future__ import annotations
@@ -59,6 +65,12 @@ METHODS = ("erm", "augment", "clad", "clad+")
 # "original within 3 points of ERM" guards against CLAD paying for robustness with clean accuracy, so it is
 # checked one-sided: CLAD may be better than ERM on the originals by any amount.
 TARGETS = {"mixed_rand_gain_over_erm": 15.0, "clad_bg_gap_max": 5.0, "original_drop_max": 3.0}
+# the texture demo's: CLAD's shape bias and cue-conflict accuracy well above ERM's, clean accuracy kept
+TEXTURE_TARGETS = {
+    "cue_conflict_gain_over_erm": 15.0,
+    "shape_bias_gain_over_erm": 15.0,
+    "original_drop_max": 3.0,
+}
 CAM_MIN_SIZE = 4  # the demo's Grad-CAM layer: the deepest stage with a map of at least 4 x 4
 SALIENCY_FIGURE_ROWS = 6  # test images in saliency.png: one per class
 
@@ -81,6 +93,20 @@ def build_parser() -> argparse.ArgumentParser:
         default="default",
         help="sizes: default (~5 min, the comparison of the methods), small (<1 min, a run-through whose "
         "models are undertrained), tiny (seconds, for tests)",
+    )
+    p.add_argument(
+        "--bias",
+        choices=["background", "texture"],
+        default="background",
+        help="the shortcut of the benchmark: class-correlated backgrounds (composite positives, Background "
+        "Challenge evaluation), or class-correlated textures filling the shapes (texture positives that keep "
+        "the shape; cue_conflict / silhouette / texture_only accuracy and shape bias)",
+    )
+    p.add_argument(
+        "--texture-source",
+        choices=["dataset", "procedural"],
+        default="dataset",
+        help="--bias texture: where the positives' new textures come from (generate.py --texture-source)",
     )
     p.add_argument("--methods", nargs="+", choices=METHODS, default=list(METHODS))
     p.add_argument(
@@ -149,8 +175,56 @@ def _settings(args: argparse.Namespace) -> dict[str, Any]:
         temperature=args.temperature,
         methods=list(args.methods),
         preset=args.preset,
+        bias=args.bias,
     )
+    if args.bias == "texture":
+        s["texture_source"] = args.texture_source
     return s
+
+
+def _target(name: str, value: float | None, ok) -> dict[str, Any]:
+    return {"target": name, "value": value, "ok": value is not None and bool(ok(value))}
+
+
+def check_texture_targets(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
+    """The texture demo's targets for CLAD (and CLAD+) against ERM, with the measured values."""
+    if "erm" not in reports or "clad" not in reports:
+        return []
+    t, erm = TEXTURE_TARGETS, reports["erm"]
+    checks = []
+    for method in ("clad", "clad+"):
+        if method not in reports:
+            continue
+        r = reports[method]
+        gain = r["accuracy"]["cue_conflict"] - erm["accuracy"]["cue_conflict"]
+        checks.append(
+            _target(
+                f"{method} cue_conflict >= erm + {t['cue_conflict_gain_over_erm']:g}",
+                gain,
+                lambda v: v >= t["cue_conflict_gain_over_erm"],
+            )
+        )
+        sb = (
+            None
+            if r.get("shape_bias") is None or erm.get("shape_bias") is None
+            else r["shape_bias"] - erm["shape_bias"]
+        )
+        checks.append(
+            _target(
+                f"{method} shape_bias >= erm + {t['shape_bias_gain_over_erm']:g}",
+                sb,
+                lambda v: v >= t["shape_bias_gain_over_erm"],
+            )
+        )
+    drop = erm["accuracy"]["original"] - reports["clad"]["accuracy"]["original"]
+    checks.append(
+        _target(
+            f"clad original >= erm original - {t['original_drop_max']:g}",
+            -drop,
+            lambda v: -v <= t["original_drop_max"],
+        )
+    )
+    return checks
 
 
 def check_targets(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
@@ -259,7 +333,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     from augment.pipeline import run as generate
 
     from . import train as trainer
-    from .evaluate import evaluate_model, load_eval_set
+    from .evaluate import evaluate_model, load_eval_set, load_texture_sets
     from .models import load_classifier
     from .report import (
         comparison_markdown,
@@ -272,6 +346,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
 
     hf_logging.disable_progress_bar()  # loading and saving small local models: no bars needed
     s = _settings(args)
+    texture = s["bias"] == "texture"
     out = Path(args.output)
     out.mkdir(parents=True, exist_ok=True)
     timings: dict[str, float] = {}
@@ -298,16 +373,27 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 validation_per_class=s["validation_per_class"],
                 test_per_class=s["test_per_class"],
                 progress=args.progress,
+                **(
+                    {"bias": "texture", "positives": "texture", "texture_source": s["texture_source"]}
+                    if texture
+                    else {}
+                ),
             )
         )
         print(json.dumps(summary["splits"]), flush=True)
     timings["generate"] = round(time.perf_counter() - t, 1)
 
     data = load_eval_set(str(dataset_dir), "test")
+    texture_sets = load_texture_sets(str(dataset_dir)) if texture else None
+    if texture and len(texture_sets or {}) < 3:
+        raise ValueError(
+            f"{dataset_dir} is not a texture-benchmark dataset (no cue_conflict split); drop --reuse-dataset"
+        )
     do_saliency = args.saliency and data.masks is not None and bool(data.masks.any())
     examples = saliency_examples(data.labels, data.masks, SALIENCY_FIGURE_ROWS) if do_saliency else []
     example_maps: dict[str, dict[str, Any]] = {}
     reports: dict[str, dict[str, Any]] = {}
+    benchmark = "texture benchmark" if texture else "benchmark"
     for method in s["methods"]:
         stage(f"training {method}")
         t = time.perf_counter()
@@ -347,6 +433,7 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
             seed=s["seed"],
             challenge_pool_per_class=args.challenge_pool_per_class,
             progress=args.progress,
+            texture_sets=texture_sets,
         )
         report.update(model=str(model_dir), dataset=str(dataset_dir), split="test", training=train_summary)
         timings[f"evaluate_{method}"] = round(time.perf_counter() - t, 1)
@@ -356,13 +443,20 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
                 model, pre, data, examples, layer=args.saliency_layer
             )
             timings[f"saliency_{method}"] = round(time.perf_counter() - t, 1)
-        write_evaluation_report(report, out / "eval" / method, title=f"{method} on the built-in benchmark")
+        write_evaluation_report(report, out / "eval" / method, title=f"{method} on the built-in {benchmark}")
         reports[method] = report
         acc = report["accuracy"]
-        print(
-            f"{method}: original {acc['original']:.1f}  mixed_same {acc['mixed_same']:.1f}  mixed_rand {acc['mixed_rand']:.1f}  bg_gap {report['bg_gap']:.1f}",
-            flush=True,
-        )
+        if texture:
+            print(
+                f"{method}: original {acc['original']:.1f}  cue_conflict {acc['cue_conflict']:.1f}  silhouette "
+                f"{acc['silhouette']:.1f}  texture_only {acc['texture_only']:.1f}  shape_bias {_fmt(report['shape_bias'])}",
+                flush=True,
+            )
+        else:
+            print(
+                f"{method}: original {acc['original']:.1f}  mixed_same {acc['mixed_same']:.1f}  mixed_rand {acc['mixed_rand']:.1f}  bg_gap {report['bg_gap']:.1f}",
+                flush=True,
+            )
     if example_maps:
         t = time.perf_counter()
         saliency_figure(
@@ -375,11 +469,11 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         )
         timings["saliency_figure"] = round(time.perf_counter() - t, 1)
     timings["total"] = round(time.perf_counter() - t_all, 1)
-    checks = check_targets(reports)
+    checks = check_texture_targets(reports) if texture else check_targets(reports)
     result = {"methods": reports, "settings": s, "timings_seconds": timings, "targets": checks}
     (out / "report.json").write_text(json.dumps(result, indent=2, default=float))
     notes = [
-        f"Built-in benchmark: {s['num_classes']} classes, {s['image_size']} px, rho {s['rho']}, "
+        f"Built-in {benchmark}: {s['num_classes']} classes, {s['image_size']} px, rho {s['rho']}, "
         f"{s['train_per_class']} training images per class, {s['epochs']} epochs per method, seed {s['seed']}. "
         f"Total time {timings['total']:.0f} s.",
     ]
@@ -387,10 +481,15 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
         notes.append(
             "Targets: "
             + "; ".join(
-                f"{c['target']}: {c['value']:.1f} ({'met' if c['ok'] else 'NOT met'})" for c in checks
+                f"{c['target']}: {_fmt(c['value'])} ({'met' if c['ok'] else 'NOT met'})" for c in checks
             )
         )
-    markdown = comparison_markdown(reports, "Background reliance on the built-in benchmark", notes)
+    heading = (
+        "Texture reliance on the built-in texture benchmark"
+        if texture
+        else "Background reliance on the built-in benchmark"
+    )
+    markdown = comparison_markdown(reports, heading, notes)
     if example_maps:
         markdown += "\n" + saliency_markdown(reports, "saliency.png")
     (out / "report.md").write_text(markdown)
@@ -398,6 +497,10 @@ def run_demo(args: argparse.Namespace) -> dict[str, Any]:
     stage(f"done in {timings['total']:.0f} s: {out / 'report.md'}")
     print((out / "report.md").read_text())
     return result
+
+
+def _fmt(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.1f}"
 
 
 def cli(argv: list[str] | None = None) -> int:

@@ -24,6 +24,18 @@ variants lower means less background reliance). Metrics, in percent:
   formed from the original test images and their background-swapped variants (mixed_same,
   mixed_rand, mixed_next), so that every object/background pairing is represented; groups with
   fewer than ``min_group_size`` images are not counted.
+
+Texture bias (a dataset of the texture benchmark, ``generate.py --bias texture``, whose extra splits
+``cue_conflict``, ``silhouette`` and ``texture_only`` are found in the dataset): the accuracy on each of
+those splits joins ``accuracy`` (against the shape's class; for texture_only the class whose texture
+it is), and
+
+* ``shape_bias``: among the cue_conflict images classified as either their shape's class or their
+  texture's class (``bg_label``), the share classified by the shape (Geirhos et al., ICLR 2019);
+  ``details.shape_bias`` has the counts;
+* ``worst_group_accuracy`` is taken over (shape, texture) groups of the originals and the cue-conflict
+  images. The Background Challenge variants are not built (the background is plain and uncorrelated),
+  so ``bg_gap`` and ``challenge_accuracy`` are None.
 """
 
 from __future__ import annotations
@@ -47,6 +59,7 @@ from augment.seeding import item_rng
 from augment.sources.bgchallenge import VARIANTS  # the eight, in the release's order
 
 MIXED = ("mixed_same", "mixed_rand", "mixed_next")
+TEXTURE_SPLITS = ("cue_conflict", "silhouette", "texture_only")
 
 
 @dataclass
@@ -128,6 +141,34 @@ def load_eval_set(
         ids=list(sub["id"]),
         class_names=class_names,
     )
+
+
+def load_texture_sets(dataset_dir: str, limit: int | None = None) -> dict[str, EvalSet]:
+    """The texture benchmark's test splits (cue_conflict, silhouette, texture_only) that the dataset has,
+    each as an :class:`EvalSet`; empty for a dataset without them."""
+    from augment.dataset import load_counterfactual_dataset
+
+    present = set(load_counterfactual_dataset(dataset_dir))
+    return {name: load_eval_set(dataset_dir, name, limit) for name in TEXTURE_SPLITS if name in present}
+
+
+def shape_bias(preds: np.ndarray, shape_labels: np.ndarray, texture_labels: np.ndarray) -> dict[str, Any]:
+    """Shape bias (percent) of cue-conflict predictions: shape decisions / (shape + texture decisions).
+
+    Images whose texture class equals their shape class, or whose texture class is unknown (< 0), are
+    not cue-conflict images and are left out. ``value`` is None when no prediction is either class.
+    """
+    preds, shape_labels, texture_labels = (np.asarray(a) for a in (preds, shape_labels, texture_labels))
+    conflict = (texture_labels >= 0) & (texture_labels != shape_labels)
+    shape = int(((preds == shape_labels) & conflict).sum())
+    texture = int(((preds == texture_labels) & conflict).sum())
+    decided = shape + texture
+    return {
+        "value": 100.0 * shape / decided if decided else None,
+        "shape_decisions": shape,
+        "texture_decisions": texture,
+        "cue_conflict_images": int(conflict.sum()),
+    }
 
 
 def _choose(rng: np.random.Generator, pool: np.ndarray) -> int:
@@ -281,9 +322,10 @@ def challenge_accuracy(
 def group_accuracies(
     preds: dict[str, np.ndarray], variants: dict[str, Variant], min_group_size: int = 5
 ) -> dict[str, Any]:
-    """Accuracy per (label, bg_label) group over original + mixed variants, and the worst group."""
+    """Accuracy per (label, bg_label) group over original + mixed (or cue_conflict) variants, and the
+    worst group."""
     correct, total = defaultdict(int), defaultdict(int)
-    for name in ("original",) + MIXED:
+    for name in ("original",) + MIXED + ("cue_conflict",):
         if name not in variants:
             continue
         v = variants[name]
@@ -314,11 +356,19 @@ def evaluate_model(
     min_group_size: int = 5,
     batch_size: int = 256,
     progress: bool = False,
+    texture_sets: dict[str, EvalSet] | None = None,
 ) -> dict[str, Any]:
-    """The evaluation report (dict) of ``model`` on ``data``; keys as in DESIGN.md, values in percent."""
+    """The evaluation report (dict) of ``model`` on ``data``; keys as in DESIGN.md, values in percent.
+
+    ``texture_sets`` (from :func:`load_texture_sets`): the texture benchmark's test splits; when given,
+    the texture measures replace the Background Challenge ones (see the module docstring).
+    """
     model = model.to(device).eval()
     t0 = time.perf_counter()
-    variants = build_variants(data, seed=seed)
+    texture = bool(texture_sets)
+    variants = build_variants(data, seed=seed, variants=("original",) if texture else VARIANTS)
+    for name, ts in (texture_sets or {}).items():
+        variants[name] = Variant(ts.images, ts.labels, ts.bg_keys, np.arange(len(ts.labels)))
     preds = {}
     for name in tqdm(list(variants), desc="variants", disable=not progress, leave=False):
         preds[name] = predict(model, variants[name].images, preprocessing, device, batch_size)
@@ -328,9 +378,15 @@ def evaluate_model(
         report["bg_gap"] = accuracy["mixed_same"] - accuracy["mixed_rand"]
     else:
         report["bg_gap"] = None
+    if texture and "cue_conflict" in texture_sets:
+        cc = texture_sets["cue_conflict"]
+        bias = shape_bias(preds["cue_conflict"], cc.labels, cc.bg_labels)
+        report["shape_bias"] = bias.pop("value")
     groups = group_accuracies(preds, variants, min_group_size)
     report["worst_group_accuracy"] = groups.pop("worst_group_accuracy")
-    if data.masks is not None:
+    if texture:
+        report["challenge_accuracy"], pool = None, 0
+    elif data.masks is not None:
         report["challenge_accuracy"], pool = challenge_accuracy(
             model,
             data,
@@ -350,6 +406,10 @@ def evaluate_model(
         "seconds": round(time.perf_counter() - t0, 2),
         **groups,
     }
+    if texture:
+        report["details"]["bias"] = "texture"
+        if "cue_conflict" in texture_sets:
+            report["details"]["shape_bias"] = bias
     if data.masks is None:
         report["details"]["note"] = (
             "no foreground masks in this split: only the original accuracy can be measured"
@@ -367,7 +427,9 @@ def build_parser() -> argparse.ArgumentParser:
         prog="evaluate.py",
         description=(
             "Measure a classifier's background reliance: accuracy on the Background Challenge variants built "
-            "from the split's foreground masks, BG-gap, challenge accuracy and worst-group accuracy. Writes "
+            "from the split's foreground masks, BG-gap, challenge accuracy and worst-group accuracy. On a "
+            "dataset of the texture benchmark (generate.py --bias texture) the texture reliance instead: "
+            "accuracy on its cue_conflict, silhouette and texture_only splits and the shape bias. Writes "
             "report.json, report.md and report.png into --output."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
@@ -451,6 +513,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     pool = 10 if args.challenge_pool_per_class is None else args.challenge_pool_per_class
     args.split = args.split or ("validation" if args.hard_imagenet else "test")
     data = load_eval_set(args.dataset, args.split, args.limit)
+    texture_sets = load_texture_sets(args.dataset, args.limit) if args.split == "test" else {}
     names = list(getattr(model.config, "id2label", {}).values())
     if names and len(names) == len(data.class_names) and names != data.class_names:
         print(
@@ -467,6 +530,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         min_group_size=args.min_group_size,
         batch_size=args.batch_size,
         progress=args.progress,
+        texture_sets=texture_sets,
     )
     report["model"] = str(args.model)
     report["dataset"] = str(args.dataset)
@@ -496,7 +560,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
             class_names=sized.class_names,
         )
         write_hard_imagenet_report(report["hard_imagenet"], args.output)
-    write_evaluation_report(report, args.output, title=f"Background reliance of {Path(args.model).name}")
+    what = "Texture reliance" if texture_sets else "Background reliance"
+    write_evaluation_report(report, args.output, title=f"{what} of {Path(args.model).name}")
     return report
 
 
@@ -508,10 +573,9 @@ def cli(argv: list[str] | None = None) -> int:
         print(f"evaluate.py: error: {e}", file=sys.stderr)
         return 2
     acc = report["accuracy"]
-    print(
-        json.dumps(
-            {"accuracy": {k: round(v, 2) for k, v in acc.items()}, "bg_gap": report["bg_gap"]}, indent=2
-        )
-    )
+    summary = {"accuracy": {k: round(v, 2) for k, v in acc.items()}, "bg_gap": report["bg_gap"]}
+    if "shape_bias" in report:
+        summary["shape_bias"] = report["shape_bias"]
+    print(json.dumps(summary, indent=2))
     print(f"wrote {os.path.join(args.output, 'report.json')}")
     return 0

@@ -8,7 +8,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from .evaluate import VARIANTS
+from .evaluate import TEXTURE_SPLITS, VARIANTS
 
 LOWER_IS_BETTER = ("no_fg", "only_bg_b", "only_bg_t")
 
@@ -32,13 +32,15 @@ def plot_variant_accuracy(report: dict[str, Any], path: str | os.PathLike, title
     """Bar chart of accuracy per Background Challenge variant."""
     plt = _plt()
     acc = report["accuracy"]
-    names = [v for v in VARIANTS if v in acc]
+    names = [v for v in VARIANTS + TEXTURE_SPLITS if v in acc]
     fig, ax = plt.subplots(figsize=(8, 3.6))
     colours = ["#9e9e9e" if n in LOWER_IS_BETTER else "#3b75af" for n in names]
     bars = ax.bar(names, [acc[n] for n in names], color=colours)
     ax.bar_label(bars, fmt="%.1f", fontsize=8)
     ax.set_ylim(0, 105)
     ax.set_ylabel("top-1 accuracy (%)")
+    if report.get("shape_bias") is not None:
+        title = f"{title or 'Accuracy per test split'} (shape bias {report['shape_bias']:.1f}%)"
     ax.set_title(title or "Accuracy per variant (grey: background-only, lower = less reliance)")
     ax.tick_params(axis="x", rotation=30)
     fig.tight_layout()
@@ -46,7 +48,41 @@ def plot_variant_accuracy(report: dict[str, Any], path: str | os.PathLike, title
     plt.close(fig)
 
 
+def texture_markdown(report: dict[str, Any], title: str) -> str:
+    """The report of a model on the texture benchmark: accuracy per texture split and the shape bias."""
+    acc = report["accuracy"]
+    names = ["original", *(n for n in TEXTURE_SPLITS if n in acc)]
+    lines = [f"# {title}", ""]
+    if report.get("model"):
+        lines += [
+            f"Model `{report['model']}` on split `{report.get('split', 'test')}` of `{report.get('dataset', '')}`.",
+            "",
+        ]
+    lines += ["| " + " | ".join(names) + " | shape bias | worst group |", "|" + " --- |" * (len(names) + 2)]
+    lines.append(
+        "| "
+        + " | ".join(_fmt(acc.get(n)) for n in names)
+        + f" | {_fmt(report.get('shape_bias'))} | {_fmt(report.get('worst_group_accuracy'))} |"
+    )
+    d = report.get("details", {})
+    sb = d.get("shape_bias", {})
+    lines += [
+        "",
+        "Accuracy in percent against the shape's class (texture_only: the class whose texture fills the square).",
+        "Shape bias: shape decisions / (shape + texture decisions) on the cue_conflict images "
+        f"({sb.get('shape_decisions', 'n/a')} shape, {sb.get('texture_decisions', 'n/a')} texture decisions of "
+        f"{sb.get('cue_conflict_images', 'n/a')} images); 100 = purely by shape. Worst group: lowest accuracy over "
+        f"(shape, texture) groups of at least {d.get('min_group_size', 'n/a')} images among the originals and "
+        "cue_conflict images.",
+    ]
+    if "num_images" in d:
+        lines += ["", "Images per split: " + ", ".join(f"{k} {v}" for k, v in d["num_images"].items())]
+    return "\n".join(lines) + "\n"
+
+
 def evaluation_markdown(report: dict[str, Any], title: str) -> str:
+    if report.get("details", {}).get("bias") == "texture":
+        return texture_markdown(report, title)
     acc = report["accuracy"]
     names = [v for v in VARIANTS if v in acc]
     lines = [f"# {title}", ""]
@@ -99,6 +135,8 @@ def comparison_markdown(
     reports: dict[str, dict[str, Any]], title: str = "Methods compared", notes: list[str] | None = None
 ) -> str:
     """A table with one row per method."""
+    if any(r.get("details", {}).get("bias") == "texture" for r in reports.values()):
+        return texture_comparison_markdown(reports, title, notes)
     cols = ["original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "only_bg_t"]
     lines = [f"# {title}", ""]
     lines.append("| method | " + " | ".join(cols) + " | bg_gap | challenge | worst group |")
@@ -120,9 +158,71 @@ def comparison_markdown(
     return "\n".join(lines) + "\n"
 
 
+def texture_comparison_markdown(
+    reports: dict[str, dict[str, Any]], title: str = "Methods compared", notes: list[str] | None = None
+) -> str:
+    """A table with one row per method on the texture benchmark: texture splits and shape bias."""
+    cols = ["original", *TEXTURE_SPLITS]
+    lines = [f"# {title}", ""]
+    lines.append("| method | " + " | ".join(cols) + " | shape bias | worst group |")
+    lines.append("|" + " --- |" * (len(cols) + 3))
+    for method, r in reports.items():
+        acc = r["accuracy"]
+        lines.append(
+            f"| {method} | "
+            + " | ".join(_fmt(acc.get(c)) for c in cols)
+            + f" | {_fmt(r.get('shape_bias'))} | {_fmt(r.get('worst_group_accuracy'))} |"
+        )
+    lines += [
+        "",
+        "Top-1 accuracy in percent on the texture benchmark's test splits: original (texture = class with "
+        "probability rho), cue_conflict (one class's shape, another's texture; label = the shape), silhouette "
+        "(the shape filled flat), texture_only (a square of a class's texture; label = that class). Shape bias: "
+        "share of shape decisions among cue_conflict predictions that are either the shape's or the texture's "
+        "class (higher = less texture reliance).",
+    ]
+    for note in notes or []:
+        lines += ["", note]
+    return "\n".join(lines) + "\n"
+
+
+def _grouped_bars(ax, methods: list[str], series: list[tuple[str, list[float], str]]) -> None:
+    """Bars of each series side by side per method, labelled with their values."""
+    w = 0.8 / len(series)
+    for k, (name, values, colour) in enumerate(series):
+        offset = (k - (len(series) - 1) / 2) * w
+        bars = ax.bar([i + offset for i in range(len(methods))], values, w, label=name, color=colour)
+        ax.bar_label(bars, fmt="%.1f", fontsize=7)
+    ax.set_xticks(list(range(len(methods))), methods)
+    ax.set_ylim(0, 108)
+    ax.set_ylabel("top-1 accuracy (%)")
+    ax.legend(loc="lower right", fontsize=8)
+
+
 def plot_methods(reports: dict[str, dict[str, Any]], path: str | os.PathLike, title: str = "") -> None:
-    """mixed_same vs mixed_rand accuracy per method (grouped bars, the gap annotated), as CLAD plots it."""
+    """mixed_same vs mixed_rand accuracy per method (grouped bars, the gap annotated), as CLAD plots it;
+    on the texture benchmark, accuracy per texture split with the shape bias."""
     plt = _plt()
+    if any(r.get("details", {}).get("bias") == "texture" for r in reports.values()):
+        methods = list(reports)
+        colours = ("#bdbdbd", "#ef8636", "#3b75af", "#9e9e9e")
+        series = [
+            (name, [reports[m]["accuracy"].get(name, float("nan")) for m in methods], colour)
+            for name, colour in zip(("original", *TEXTURE_SPLITS), colours)
+        ]
+        fig, ax = plt.subplots(figsize=(1.8 + 2.0 * len(methods), 4))
+        _grouped_bars(ax, methods, series)
+        for i, m in enumerate(methods):
+            sb = reports[m].get("shape_bias")
+            if sb is not None:
+                ax.text(i, 101, f"shape bias {sb:.1f}", ha="center", fontsize=8, fontweight="bold")
+        ax.set_title(
+            title or "Texture benchmark: cue conflict and shape bias (higher = less texture reliance)"
+        )
+        fig.tight_layout()
+        fig.savefig(path, dpi=120)
+        plt.close(fig)
+        return
     methods = list(reports)
     same = [reports[m]["accuracy"].get("mixed_same", float("nan")) for m in methods]
     rand = [reports[m]["accuracy"].get("mixed_rand", float("nan")) for m in methods]

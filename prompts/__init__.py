@@ -19,6 +19,7 @@ __all__ = [
     "CAPTION_BACKGROUND",
     "EXTRACT",
     "EDIT_BACKGROUND",
+    "EDIT_TEXTURE",
 ]
 
 CAPTION_SCENE = "caption_scene_v1"  # a photo of a {object} on {background}
@@ -26,6 +27,7 @@ CAPTION_LABEL = "caption_label_v1"  # a photo of a {label}
 CAPTION_BACKGROUND = "caption_background_v1"  # a photo of {background}
 EXTRACT = "extract_v1"  # the LLM's phrase extraction: system, user, repair messages and few-shot examples
 EDIT_BACKGROUND = "edit_background_v1"  # ASPIRE: turn the background of {background} into {alt}
+EDIT_TEXTURE = "edit_texture_v1"  # texture positives: give the {object} a {texture} texture
 
 
 def _file(name: str, ext: str):

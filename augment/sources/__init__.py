@@ -8,9 +8,9 @@ __all__ = ["RejectedInput", "Sample", "Source", "build_source"]
 def build_source(name: str, **kwargs) -> Source:
     """Instantiate a source by its command-line name."""
     if name == "synthetic":
-        from .synthetic import SyntheticBackgrounds
+        from .synthetic import build_synthetic
 
-        return SyntheticBackgrounds(**kwargs)
+        return build_synthetic(**kwargs)
     if name == "folder":
         from .folder import ImageFolderSource
 

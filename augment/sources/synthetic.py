@@ -10,6 +10,15 @@ foreground mask and a caption ``"a photo of a {object} on {background}"``.
 
 Everything is a pure function of ``(seed, split, index)``: item ``i`` is the same image whatever else
 is generated, so random access, sharding and resuming are free.
+
+:class:`SyntheticTextures` (``--bias texture``) is the same recipe with the shortcut moved onto the
+object: the shapes are filled with a texture whose family equals the class with probability ``rho``,
+on a plain background drawn independently of the class. Its ``bg_label`` column holds the texture
+family (the group accounting then counts (shape, texture) groups). Besides train / validation / test
+it has three test splits that separate the two cues: ``cue_conflict`` (one class's shape with another
+class's texture, labelled by the shape), ``silhouette`` (the shape filled with one flat dark colour,
+``bg_label`` -1) and ``texture_only`` (a large square filled with a texture, labelled by the class the
+texture belongs to).
 """
 
 from __future__ import annotations
@@ -434,3 +443,137 @@ class SyntheticBackgrounds(Source):
             "per_class": dict(self.per_class),
             "backgrounds": list(self.background_names),
         }
+
+
+# ----------------------------------------------------------------------------------------------
+# The texture benchmark (``--bias texture``)
+# ----------------------------------------------------------------------------------------------
+
+# adjectives of the texture families, in the order of BACKGROUNDS (family k is drawn by its k-th renderer)
+TEXTURE_WORDS = [
+    "striped",
+    "checkered",
+    "polka-dot",
+    "wavy",
+    "grassy",
+    "brick",
+    "diagonal-striped",
+    "cloudy",
+    "dune-patterned",
+    "wood-grain",
+    "tiled",
+    "starry",
+]
+TEXTURE_SPLITS = ("cue_conflict", "silhouette", "texture_only")  # the test splits that separate the cues
+PLAIN_BACKGROUND = "a plain background"
+
+
+def render_texture(family: int, size: int | tuple[int, int], rng: np.random.Generator) -> np.ndarray:
+    """A float32 (H, W, 3) field of texture ``family`` (the k-th background renderer at full contrast);
+    ``size`` is a side or ``(H, W)``, the pattern's scale relative to a 64-px image side."""
+    h, w = (size, size) if isinstance(size, int) else size
+    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    scale = 64.0 / max(h, w)
+    return BACKGROUNDS[BACKGROUND_NAMES[family]](rng, yy * scale, xx * scale).astype(np.float32)
+
+
+def render_plain_background(size: int, rng: np.random.Generator) -> np.ndarray:
+    """A (size, size, 3) float32 plain background: a light, slightly tinted grey with soft shading."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32) * (64.0 / size)
+    tone = rng.uniform(140, 215) + rng.normal(0, 6, size=3)
+    shade = _smooth_noise(rng, yy, xx, 3, 0.02, 0.08) - 0.5
+    return (tone[None, None, :] + 24 * shade[..., None]).astype(np.float32)
+
+
+class SyntheticTextures(SyntheticBackgrounds):
+    """Built-in benchmark with a texture shortcut (``--bias texture``; see the module docstring).
+
+    Args: as :class:`SyntheticBackgrounds`, with ``rho`` the probability that the texture family equals
+    the class; the test splits ``cue_conflict``, ``silhouette`` and ``texture_only`` have
+    ``test_per_class`` items per class each. Objects have no outline (the texture meets the plain
+    background directly) and ``background_contrast`` is not used (textures are at full contrast).
+    """
+
+    name = "synthetic-texture"
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("outline", False)
+        super().__init__(*args, **kwargs)
+        for split in TEXTURE_SPLITS:
+            self.per_class[split] = self.per_class["test"]
+        self.texture_names = TEXTURE_WORDS[: self.num_classes]
+
+    def texture_family(self, split: str, index: int) -> int:
+        """The texture family of an item: equal to its class with probability rho in train / validation /
+        test, another class's in cue_conflict, the class's own in texture_only, -1 (none) in silhouette."""
+        label = index % self.num_classes
+        if split == "silhouette":
+            return -1
+        if split == "texture_only":
+            return label
+        if split == "cue_conflict":
+            rng = item_rng(self.seed, f"{self.name}/{split}/{index}/texture")
+            other = int(rng.integers(self.num_classes - 1))
+            return other + (other >= label)
+        return self.background_family(split, index)
+
+    def load(self, split: str, index: int) -> Sample:
+        if not 0 <= index < self.size(split):
+            raise IndexError(f"{split} has {self.size(split)} items, asked for {index}")
+        item_id = self.item_id(split, index)
+        label = index % self.num_classes
+        family = self.texture_family(split, index)
+        rng = item_rng(self.seed, item_id)
+        size = self.image_size
+        background = render_plain_background(size, rng)
+        if split == "texture_only":
+            side = rng.uniform(0.7, 0.85) * size
+            y0, x0 = (rng.uniform(0, size - side) for _ in range(2))
+            yy, xx = np.mgrid[0:size, 0:size]
+            mask = (yy >= y0) & (yy < y0 + side) & (xx >= x0) & (xx < x0 + side)
+            obj_name = "patch"
+        else:
+            mask = render_object_mask(label, size, rng, self.max_rotation)
+            obj_name = self.class_names[label]
+        if family < 0:
+            fill = np.full((size, size, 3), rng.uniform(20, 70), dtype=np.float32)
+            words = f"{obj_name} silhouette"
+        else:
+            fill = render_texture(family, size, rng)
+            words = f"{TEXTURE_WORDS[family]} {obj_name}"
+        if self.outline:
+            rim = mask & ~_erode(mask, max(1, size // 64))
+            fill = np.where(rim[..., None], fill * 0.25, fill)
+        img = np.where(mask[..., None], fill, background)
+        img = img + rng.normal(0, self.noise, img.shape)
+        image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+        return Sample(
+            id=item_id,
+            split=split,
+            index=index,
+            image=image,
+            label=label,
+            mask=Image.fromarray(mask.astype(np.uint8) * 255, "L"),
+            bg_label=family,
+            caption=render(CAPTION_SCENE, object=words, background=PLAIN_BACKGROUND),
+            meta={
+                "object": obj_name,
+                "texture": TEXTURE_WORDS[family] if family >= 0 else None,
+                "background": PLAIN_BACKGROUND,
+            },
+        )
+
+    def describe(self) -> dict:
+        out = super().describe()
+        out.pop("background_contrast")
+        out.pop("backgrounds")
+        return {**out, "bias": "texture", "textures": list(self.texture_names)}
+
+
+def build_synthetic(bias: str = "background", **kwargs) -> SyntheticBackgrounds:
+    """The built-in benchmark with a ``background`` (default) or ``texture`` shortcut."""
+    if bias == "background":
+        return SyntheticBackgrounds(**kwargs)
+    if bias == "texture":
+        return SyntheticTextures(**kwargs)
+    raise ValueError(f"--bias must be background or texture, got {bias!r}")
