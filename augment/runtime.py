@@ -12,13 +12,14 @@ def resolve_device(device: str | None = None) -> str:
     """``device`` as given, else Accelerate's device for this process (a GPU when there is one).
 
     Accelerate's choice honours ``ACCELERATE_USE_CPU=1`` and, under ``accelerate launch``, gives each
-    process its own GPU.
+    process its own GPU; so does a bare ``cuda`` when several processes run.
     """
-    if device:
-        return device
     from accelerate import PartialState
 
-    return str(PartialState().device)
+    state = PartialState()
+    if device == "cuda" and state.num_processes > 1 and state.device.type == "cuda":
+        return str(state.device)
+    return device or str(state.device)
 
 
 def resolve_dtype(device: str, dtype: str | None = None):
