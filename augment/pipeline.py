@@ -37,6 +37,7 @@ from . import __version__
 from .annotate import Annotation, Annotator
 from .dataset import DatasetWriter, Row, dataset_features, parquet_bytes, phrase_mask_record
 from .filters import FilterConfig, add_filter_arguments
+from .runtime import process_state
 from .seeding import item_rng, item_seed
 from .segment import MASK_SOURCES, add_mask_arguments, segmenter_from_config
 from .sources import RejectedInput, Sample, Source, build_source
@@ -672,10 +673,8 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     (only the units not yet finished are made); a finished dataset with the same settings returns
     ``{"complete": True, ...}`` at once.
     """
-    from accelerate import PartialState
-
     check_config(config)
-    state = PartialState()
+    state = process_state(config.device)
     rank, world = state.process_index, state.num_processes
     source = build_source(config.source, **config.source_kwargs())
     start = time.perf_counter()
