@@ -694,39 +694,40 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     units = plan_units(source, config)
     progress = config.progress and state.is_local_main_process
 
-    # 1. the language and segmentation stage, unit by unit
-    todo = [u for u in units if not work.annotated(u.name)]
-    state.wait_for_everyone()  # every process has listed the finished units before any is added
-    mine = todo[rank::world]
-    bar = tqdm(total=sum(len(u.indices) for u in mine), desc="describe", disable=not progress, unit="img")
-    caches: dict[str, _SampleCache] = {}
-    for unit in mine:
-        if unit.split not in caches:
-            caches = {unit.split: _SampleCache(source, unit.split)}
-        work.save_annotation(unit.name, annotate_unit(annotator, caches[unit.split], unit))
-        bar.update(len(unit.indices))
-    bar.close()
-    state.wait_for_everyone()
-
-    # 2. originals and counterfactuals, unit by unit
-    todo = [u for u in units if not work.generated(u.name)]
-    state.wait_for_everyone()
-    mine = todo[rank::world]
     schema = dataset_features(source.class_names).arrow_schema
-    bar = tqdm(total=sum(len(u.indices) for u in mine), desc="generate", disable=not progress, unit="img")
-    for split in dict.fromkeys(u.split for u in mine):
-        cache = _SampleCache(source, split)
-        for unit in units:  # partners come from the whole split: every unit's annotations
-            if unit.split == split:
-                for index, annotation in work.load_annotation(unit.name)["annotations"].items():
-                    cache.annotate(index, annotation)
-        pool = [i for u in units if u.split == split for i in u.indices]
+    made = 0
+    for split in dict.fromkeys(u.split for u in units):
+        units_of_split = [u for u in units if u.split == split]
+        cache = _SampleCache(source, split)  # one split at a time, as the two stages share it
+
+        # 1. the language and segmentation stage, unit by unit
+        todo = [u for u in units_of_split if not work.annotated(u.name)]
+        state.wait_for_everyone()  # every process has listed the finished units before any is added
+        mine = todo[rank::world]
+        bar = tqdm(total=sum(len(u.indices) for u in mine), desc=f"describe {split}", disable=not progress)
+        for unit in mine:
+            work.save_annotation(unit.name, annotate_unit(annotator, cache, unit))
+            bar.update(len(unit.indices))
+        bar.close()
+        state.wait_for_everyone()
+
+        # 2. originals and counterfactuals, unit by unit
+        todo = [u for u in units_of_split if not work.generated(u.name)]
+        state.wait_for_everyone()
+        mine = todo[rank::world]
+        if not mine:
+            continue
+        for unit in units_of_split:  # partners come from the whole split: every unit's annotations
+            for index, annotation in work.load_annotation(unit.name)["annotations"].items():
+                cache.annotate(index, annotation)
+        pool = [i for u in units_of_split for i in u.indices]
         builder = (
             CounterfactualBuilder(source, split, pool, config, cache, positive_gen, negative_gen, filters)
             if split in config.counterfactual_splits
             else None
         )
-        for unit in (u for u in mine if u.split == split):
+        bar = tqdm(total=sum(len(u.indices) for u in mine), desc=f"generate {split}", disable=not progress)
+        for unit in mine:
             rows, rejections = generate_unit(source, cache, builder, unit)
             data, _ = parquet_bytes([row.encode() for row in rows], schema)
             manifest = {
@@ -738,10 +739,11 @@ def run(config: GenerateConfig) -> dict[str, Any]:
             }
             work.commit_unit(unit.name, data, manifest)
             bar.update(len(unit.indices))
-    bar.close()
+        bar.close()
+        made += len(mine)
     state.wait_for_everyone()
     if not state.is_main_process:
-        return {"process_index": rank, "units": len(mine)}
+        return {"process_index": rank, "units": made}
 
     # 3. the merge, on the main process
     settings = {
