@@ -11,7 +11,8 @@ reads it back with its features, and publishing is an upload of the folder::
       generation.json            the settings that produced the folder
       preview.png                original | mask | positives | negatives, one row per sampled original
 
-Shards are written to a temporary name and renamed into place, so a reader never sees half a file.
+Every file is written to a temporary name, flushed to disk and renamed into place
+(:func:`atomic_write`), so a reader, or a job resumed after a crash, never sees half a file.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ from PIL import Image, ImageDraw
 
 from . import __version__
 from .sources.base import SPLIT_ORDER, order_splits
+from .workfolder import atomic_write
 
 KINDS = ("original", "positive", "negative", "generated")
 
@@ -93,6 +95,25 @@ def png_bytes(image: Image.Image) -> bytes:
     return buf.getvalue()
 
 
+def phrase_mask_record(
+    id: str,
+    phrase: str,
+    mask: Image.Image,
+    boxes: Sequence[Sequence[float]] = (),
+    scores: Sequence[float] = (),
+) -> dict[str, Any]:
+    """One row of the ``phrase_masks`` configuration, encoded."""
+    if mask.mode != "L":
+        raise ValueError(f"phrase mask of {id} ({phrase!r}) must be mode L, got {mask.mode}")
+    return {
+        "id": id,
+        "phrase": phrase,
+        "mask": {"bytes": png_bytes(mask), "path": None},
+        "boxes": [[float(v) for v in b] for b in boxes],
+        "scores": [float(v) for v in scores],
+    }
+
+
 @dataclass
 class Row:
     """One image row of the dataset, before encoding."""
@@ -137,22 +158,51 @@ class Row:
             "recipe": json.dumps(self.recipe, sort_keys=True),
         }
 
+    @classmethod
+    def decode(cls, record: dict[str, Any]) -> Row:
+        """The row back from :meth:`encode`'s output (a parquet record of the dataset)."""
 
-def _write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> int:
-    """Write ``rows`` as one parquet file, atomically (temporary name, then rename); returns Arrow bytes.
+        def image(cell):
+            return None if cell is None else Image.open(io.BytesIO(cell["bytes"]))
+
+        return cls(
+            id=record["id"],
+            image=image(record["image"]),
+            mask=image(record["mask"]),
+            label=record["label"],
+            kind=record["kind"],
+            source_id=record["source_id"],
+            bg_label=record["bg_label"],
+            caption=record["caption"],
+            fg_phrases=list(record["fg_phrases"]),
+            bg_phrases=list(record["bg_phrases"]),
+            alt_phrases=list(record["alt_phrases"]),
+            spurious_phrases=list(record["spurious_phrases"]),
+            recipe=json.loads(record["recipe"]),
+        )
+
+
+def parquet_bytes(rows: list[dict[str, Any]], schema: pa.Schema) -> tuple[bytes, int]:
+    """``rows`` as the bytes of one parquet file, and their size in Arrow memory.
 
     An empty table is written with no row group at all: ``datasets`` cannot read a zero-row group.
     """
-    tmp = path.with_name(path.name + ".tmp")
+    sink = pa.BufferOutputStream()
     if rows:
         table = pa.Table.from_pylist(rows, schema=schema)
-        pq.write_table(table, tmp)
+        pq.write_table(table, sink)
         nbytes = table.nbytes
     else:
-        pq.ParquetWriter(tmp, schema).close()
+        pq.ParquetWriter(sink, schema).close()
         nbytes = 0
-    os.replace(tmp, path)
-    return int(nbytes)
+    return sink.getvalue().to_pybytes(), int(nbytes)
+
+
+def _write_table(rows: list[dict[str, Any]], schema: pa.Schema, path: Path) -> int:
+    """Write ``rows`` as one parquet file with :func:`atomic_write`; returns their Arrow bytes."""
+    data, nbytes = parquet_bytes(rows, schema)
+    atomic_write(path, data)
+    return nbytes
 
 
 class DatasetWriter:
@@ -160,7 +210,8 @@ class DatasetWriter:
 
     Rows are buffered per split and written ``shard_size`` at a time; ``close`` names the shards
     ``-0000i-of-0000n``, writes the ``rejected`` tables, the card and the preview, and returns the
-    counts. Ids must be unique across the dataset.
+    counts. Ids must be unique across the dataset. ``keep``: names inside ``output_dir`` that may
+    already be there and are left alone (the generation job's work folder).
     """
 
     def __init__(
@@ -170,9 +221,10 @@ class DatasetWriter:
         shard_size: int = 2000,
         overwrite: bool = False,
         preview_rows: int = 9,
+        keep: Sequence[str] = (),
     ):
         self.output_dir = Path(output_dir)
-        if self.output_dir.exists() and any(self.output_dir.iterdir()):
+        if self.output_dir.exists() and any(e.name not in keep for e in self.output_dir.iterdir()):
             if not overwrite:
                 raise FileExistsError(
                     f"{self.output_dir} exists and is not empty; choose another --output or pass --overwrite"
@@ -198,27 +250,40 @@ class DatasetWriter:
     # -- rows ----------------------------------------------------------------------------------
     def add(self, split: str, row: Row) -> None:
         """Queue one row of ``split``; a full buffer is written as a shard."""
-        if row.id in self._ids:
-            raise ValueError(f"duplicate id {row.id!r}: ids must be unique across the dataset")
-        if not -1 <= row.label < len(self.class_names):
+        self.add_record(split, row.encode(), row)
+
+    def add_record(self, split: str, record: dict[str, Any], row: Row | None = None) -> None:
+        """Queue one encoded row (:meth:`Row.encode`'s output, e.g. read back from a parquet file);
+        ``row``: the same row decoded, when at hand (the preview sheet needs its images)."""
+        rid, label = record["id"], record["label"]
+        if rid in self._ids:
+            raise ValueError(f"duplicate id {rid!r}: ids must be unique across the dataset")
+        if not -1 <= label < len(self.class_names):
             raise ValueError(
-                f"row {row.id}: label {row.label} is not a class index (0..{len(self.class_names) - 1} or -1)"
+                f"row {rid}: label {label} is not a class index (0..{len(self.class_names) - 1} or -1)"
             )
-        self._buffers[split].append(row.encode())
-        self._ids.add(row.id)
-        self.counts[split][row.kind] += 1
-        if row.kind == "original":
-            self.groups[split][(int(row.label), int(row.bg_label))] += 1
-        elif "generator" in row.recipe:
-            self.generators[row.recipe["generator"]] += 1
-        if split == "train":
-            self._preview.offer(row)
+        self._buffers[split].append(record)
+        self._ids.add(rid)
+        kind = record["kind"]
+        self.counts[split][kind] += 1
+        if kind == "original":
+            self.groups[split][(int(label), int(record["bg_label"]))] += 1
+        else:
+            recipe = row.recipe if row is not None else json.loads(record["recipe"])
+            if "generator" in recipe:
+                self.generators[recipe["generator"]] += 1
+        if split == "train" and self._preview.wants(record):
+            self._preview.offer(row if row is not None else Row.decode(record))
         if len(self._buffers[split]) >= self.shard_size:
             self._flush(split)
 
     def reject(self, id: str, split: str, stage: str, reason: str) -> None:
         """Record an input (or a derived row) that a stage refused, with the reason."""
         self._rejected.append({"id": id, "split": split, "stage": stage, "reason": reason})
+
+    def add_phrase_mask_record(self, split: str, record: dict[str, Any]) -> None:
+        """Keep an encoded phrase mask (:func:`phrase_mask_record`'s output)."""
+        self._phrase_masks[split].append(record)
 
     def add_phrase_mask(
         self,
@@ -230,17 +295,7 @@ class DatasetWriter:
         scores: Sequence[float] = (),
     ) -> None:
         """Keep the mask of one foreground phrase of original ``id`` (for the discovery stage)."""
-        if mask.mode != "L":
-            raise ValueError(f"phrase mask of {id} ({phrase!r}) must be mode L, got {mask.mode}")
-        self._phrase_masks[split].append(
-            {
-                "id": id,
-                "phrase": phrase,
-                "mask": {"bytes": png_bytes(mask), "path": None},
-                "boxes": [[float(v) for v in b] for b in boxes],
-                "scores": [float(v) for v in scores],
-            }
-        )
+        self.add_phrase_mask_record(split, phrase_mask_record(id, phrase, mask, boxes, scores))
 
     def _flush(self, split: str) -> None:
         rows = self._buffers.pop(split, [])
@@ -298,14 +353,17 @@ class DatasetWriter:
             summary["phrase_masks"] = {s: len(self._phrase_masks[s]) for s in phrase_splits}
         settings = dict(settings or {})
         settings["package_version"] = __version__
-        (self.output_dir / "generation.json").write_text(
-            json.dumps(settings, indent=2, sort_keys=True, default=str)
+        atomic_write(
+            self.output_dir / "generation.json",
+            json.dumps(settings, indent=2, sort_keys=True, default=str).encode(),
         )
         card = render_card(self, splits, listed, settings, summary, description)
-        (self.output_dir / "README.md").write_text(card, encoding="utf-8")
+        atomic_write(self.output_dir / "README.md", card.encode("utf-8"))
         sheet = self._preview.render(self.class_names)
         if sheet is not None:
-            sheet.save(self.output_dir / "preview.png")
+            buf = io.BytesIO()
+            sheet.save(buf, format="PNG")
+            atomic_write(self.output_dir / "preview.png", buf.getvalue())
         return summary
 
 
@@ -851,6 +909,12 @@ class _PreviewCollector:
         self.max_rows = max_rows
         self.rows: dict[str, dict[str, Any]] = {}
         self._labels: set[int] = set()
+
+    def wants(self, record: dict[str, Any]) -> bool:
+        """Whether :meth:`offer` would keep this (encoded) row."""
+        if record["kind"] == "original":
+            return len(self.rows) < self.max_rows and record["label"] not in self._labels
+        return record["source_id"] in self.rows and record["kind"] in ("positive", "negative")
 
     def offer(self, row: Row) -> None:
         if row.kind == "original":

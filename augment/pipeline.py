@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from collections import OrderedDict
@@ -25,18 +26,23 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
 from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, EDIT_TEXTURE, render
 
+from . import __version__
 from .annotate import Annotation, Annotator
-from .dataset import DatasetWriter, Row
+from .dataset import DatasetWriter, Row, dataset_features, parquet_bytes, phrase_mask_record
 from .filters import FilterConfig, add_filter_arguments
+from .runtime import process_state
 from .seeding import item_rng, item_seed
 from .segment import MASK_SOURCES, add_mask_arguments, segmenter_from_config
 from .sources import RejectedInput, Sample, Source, build_source
 from .synthesize.composite import CompositeGenerator
+from .workfolder import WORK, WorkFolder, fault_point, inspect_output
 
 NEGATIVE_KINDS = ("remove", "replace")
 SOURCES = ("folder", "bgchallenge", "hardimagenet", "hub")  # the sources read from --data-dir
@@ -740,8 +746,43 @@ def original_row(sample: Sample) -> Row:
     )
 
 
-def run(config: GenerateConfig) -> dict[str, Any]:
-    """Run the generation job; returns the writer's summary (counts per split, kind and stage)."""
+UNCOMPARED = ("output", "overwrite", "progress")  # flags that do not change what is generated
+
+
+def run_settings(config: GenerateConfig) -> dict[str, Any]:
+    """The settings a rerun on the same ``--output`` must share to resume: every flag but
+    :data:`UNCOMPARED`, and the package version (as JSON values)."""
+    settings = {k: v for k, v in asdict(config).items() if k not in UNCOMPARED}
+    settings["package_version"] = __version__
+    return json.loads(json.dumps(settings, sort_keys=True, default=str))
+
+
+@dataclass
+class WorkUnit:
+    """``--chunk-size`` consecutive originals (source indices) of one split: the unit of work that is
+    shared out between processes and committed to the work folder as a whole."""
+
+    split: str
+    k: int
+    indices: list[int]
+
+    @property
+    def name(self) -> str:
+        return f"{self.split}-{self.k:05d}"
+
+
+def plan_units(source: Source, config: GenerateConfig) -> list[WorkUnit]:
+    """Every unit of the run, by split (the source's order), then position in the split."""
+    units = []
+    for split in source.splits():
+        indices = select_indices(source.labels(split), config.limit)
+        for k, s in enumerate(range(0, len(indices), config.chunk_size)):
+            units.append(WorkUnit(split, k, indices[s : s + config.chunk_size]))
+    return units
+
+
+def check_config(config: GenerateConfig) -> None:
+    """Refuse bad flag values (before any model loads or file is written)."""
     if config.num_positives < 0:
         raise ValueError(f"--num-positives must be >= 0, got {config.num_positives}")
     if "inpaint" in config.negatives:  # --negatives inpaint: both kinds, made by inpainting
@@ -764,41 +805,93 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         raise ValueError(f"--limit must be >= 1, got {config.limit}")
     if config.chunk_size < 1:
         raise ValueError(f"--chunk-size must be >= 1, got {config.chunk_size}")
+    if config.shard_size < 1:
+        raise ValueError(f"--shard-size must be >= 1, got {config.shard_size}")
+
+
+def run(config: GenerateConfig) -> dict[str, Any]:
+    """Run the generation job; returns the writer's summary (counts per split, kind and stage).
+
+    Under ``accelerate launch`` every process runs this: the units (:class:`WorkUnit`) still to do are
+    shared out round-robin, each process commits its units to the work folder
+    (:mod:`augment.workfolder`), and the main process merges them into the dataset folder; the other
+    processes return ``{"process_index": i, "units": n}``. A rerun on the same ``--output`` resumes
+    (only the units not yet finished are made); a finished dataset with the same settings returns
+    ``{"complete": True, ...}`` at once.
+    """
+    check_config(config)
+    state = process_state(config.device)
+    rank, world = state.process_index, state.num_processes
     source = build_source(config.source, **config.source_kwargs())
     start = time.perf_counter()
+    settings_key = run_settings(config)
+    status = inspect_output(config.output, settings_key, config.overwrite)  # read-only, every process
+    state.wait_for_everyone()
+    work = WorkFolder(config.output)
+    if status == "complete":
+        if state.is_main_process:
+            work.drop_trash()
+        return {"complete": True, "output": str(config.output)}
     annotator = build_annotator(config, source.class_names)  # loads models: fail before writing
     positive_gen, negative_gen, filters = build_generators(config)
-    writer = DatasetWriter(
-        config.output, source.class_names, shard_size=config.shard_size, overwrite=config.overwrite
-    )
-    inputs = 0
-    for split in source.splits():
-        indices = select_indices(source.labels(split), config.limit)
-        inputs += len(indices)
-        cache = _SampleCache(source, split)
-        annotate_split(annotator, cache, indices, writer, config)
+    if state.is_main_process:
+        work.start(settings_key, fresh=status == "fresh")
+    state.wait_for_everyone()
+    units = plan_units(source, config)
+    progress = config.progress and state.is_local_main_process
+
+    schema = dataset_features(source.class_names).arrow_schema
+    made = 0
+    for split in dict.fromkeys(u.split for u in units):
+        units_of_split = [u for u in units if u.split == split]
+        cache = _SampleCache(source, split)  # one split at a time, as the two stages share it
+
+        # 1. the language and segmentation stage, unit by unit
+        todo = [u for u in units_of_split if not work.annotated(u.name)]
+        state.wait_for_everyone()  # every process has listed the finished units before any is added
+        mine = todo[rank::world]
+        bar = tqdm(total=sum(len(u.indices) for u in mine), desc=f"describe {split}", disable=not progress)
+        for unit in mine:
+            work.save_annotation(unit.name, annotate_unit(annotator, cache, unit))
+            bar.update(len(unit.indices))
+        bar.close()
+        state.wait_for_everyone()
+
+        # 2. originals and counterfactuals, unit by unit
+        todo = [u for u in units_of_split if not work.generated(u.name)]
+        state.wait_for_everyone()
+        mine = todo[rank::world]
+        if not mine:
+            continue
+        for unit in units_of_split:  # partners come from the whole split: every unit's annotations
+            for index, annotation in work.load_annotation(unit.name)["annotations"].items():
+                cache.annotate(index, annotation)
+        pool = [i for u in units_of_split for i in u.indices]
         builder = (
-            CounterfactualBuilder(source, split, indices, config, cache, positive_gen, negative_gen, filters)
+            CounterfactualBuilder(source, split, pool, config, cache, positive_gen, negative_gen, filters)
             if split in config.counterfactual_splits
             else None
         )
-        bar = tqdm(total=len(indices), desc=f"generate {split}", disable=not config.progress, unit="img")
-        for s in range(0, len(indices), config.chunk_size):
-            anchors = []
-            for index in indices[s : s + config.chunk_size]:
-                try:
-                    sample = cache.get(index)
-                except RejectedInput as e:
-                    writer.reject(source.item_id(split, index), split, e.stage, e.reason)
-                    continue
-                writer.add(split, original_row(sample))
-                anchors.append(sample)
-                if builder is not None and not builder.batched:  # cut-and-paste: rows right after
-                    write_rows(writer, split, *builder.build(sample))
-            if builder is not None and builder.batched:  # diffusion: the chunk's jobs together
-                write_rows(writer, split, *builder.build_chunk(anchors))
-            bar.update(min(config.chunk_size, len(indices) - s))
+        bar = tqdm(total=sum(len(u.indices) for u in mine), desc=f"generate {split}", disable=not progress)
+        for unit in mine:
+            rows, rejections = generate_unit(source, cache, builder, unit)
+            data, _ = parquet_bytes([row.encode() for row in rows], schema)
+            manifest = {
+                "split": split,
+                "unit": unit.k,
+                "inputs": len(unit.indices),
+                "ids": [row.id for row in rows],
+                "rejections": rejections,
+            }
+            work.commit_unit(unit.name, data, manifest)
+            bar.update(len(unit.indices))
         bar.close()
+        made += len(mine)
+    state.wait_for_everyone()
+    if not state.is_main_process:
+        return {"process_index": rank, "units": made}
+
+    # 3. the merge, on the main process
     settings = {
         **asdict(config),
         **source.describe(),
@@ -810,30 +903,125 @@ def run(config: GenerateConfig) -> dict[str, Any]:
             "filters": filters.describe() if filters is not None else None,
         },
     }
-    settings.pop("progress", None)
-    summary = writer.close(
-        settings=settings, description=f"Generated from the `{source.name}` source by scripts/generate.py."
+    for key in ("progress", "overwrite"):
+        settings.pop(key, None)
+    summary, rejected = merge_units(
+        work,
+        units,
+        source.class_names,
+        config.shard_size,
+        settings,
+        f"Generated from the `{source.name}` source by scripts/generate.py.",
     )
+    inputs = sum(len(u.indices) for u in units)
     originals = sum(c.get("original", 0) for c in summary["splits"].values())
-    rejected_inputs = sum(1 for r in writer.rejected if r["stage"] in ("read", "mask", "label"))
+    rejected_inputs = sum(1 for r in rejected if r["stage"] in ("read", "mask", "label"))
     summary["inputs"] = inputs
     summary["originals"] = originals
     summary["rejected_inputs"] = rejected_inputs
+    summary["processes"] = world
+    summary["resumed"] = status == "resume"
     summary["seconds"] = round(time.perf_counter() - start, 2)
     if originals + rejected_inputs != inputs:  # the accounting every run must satisfy
         raise RuntimeError(
             f"internal error: {inputs} inputs but {originals} written + {rejected_inputs} rejected"
         )
+    fault_point("merged")  # the dataset is complete, the work folder not yet removed
+    work.finish()
     return summary
 
 
-def write_rows(
-    writer: DatasetWriter, split: str, rows: list[Row], rejections: list[tuple[str, str, str]]
-) -> None:
-    for row in rows:
-        writer.add(split, row)
-    for rid, stage, reason in rejections:
-        writer.reject(rid, split, stage, reason)
+def annotate_unit(annotator: Annotator, cache: _SampleCache, unit: WorkUnit) -> dict[str, Any]:
+    """Caption, phrases and masks for the originals of one unit: ``annotations`` (source index ->
+    :class:`~augment.annotate.Annotation`), ``rejections`` and encoded ``phrase_masks``.
+    Unreadable inputs are skipped here; :func:`generate_unit` records them."""
+    loaded: list[tuple[int, Sample]] = []
+    for index in unit.indices:
+        try:
+            loaded.append((index, cache.get(index)))
+        except RejectedInput:
+            continue
+    annotations, rejections, phrase_masks = annotator([sample for _, sample in loaded])
+    return {
+        "annotations": {index: a for (index, _), a in zip(loaded, annotations, strict=True)},
+        "rejections": [tuple(r) for r in rejections],
+        "phrase_masks": [
+            phrase_mask_record(pm.id, pm.phrase, pm.mask, pm.boxes, pm.scores) for pm in phrase_masks
+        ],
+    }
+
+
+def generate_unit(
+    source: Source, cache: _SampleCache, builder: CounterfactualBuilder | None, unit: WorkUnit
+) -> tuple[list[Row], list[tuple[str, str, str]]]:
+    """The rows of one unit (each original, then what is derived from it; with a diffusion generator,
+    the unit's originals, then their derived rows) and its rejections ``(id, stage, reason)``."""
+    rows: list[Row] = []
+    rejections: list[tuple[str, str, str]] = []
+    anchors = []
+    for index in unit.indices:
+        try:
+            sample = cache.get(index)
+        except RejectedInput as e:
+            rejections.append((source.item_id(unit.split, index), e.stage, e.reason))
+            continue
+        rows.append(original_row(sample))
+        anchors.append(sample)
+        if builder is not None and not builder.batched:  # cut-and-paste: rows right after
+            more, refused = builder.build(sample)
+            rows += more
+            rejections += refused
+    if builder is not None and builder.batched:  # diffusion: the unit's jobs together
+        more, refused = builder.build_chunk(anchors)
+        rows += more
+        rejections += refused
+    return rows, rejections
+
+
+def merge_units(
+    work: WorkFolder,
+    units: list[WorkUnit],
+    class_names: list[str],
+    shard_size: int,
+    settings: dict[str, Any],
+    description: str,
+) -> tuple[dict[str, Any], list[dict[str, str]]]:
+    """Write the dataset folder from the finished units, in the order of a single-process run (per
+    split: the annotation stage's rejections and phrase masks, then rows and rejections unit by unit),
+    then check the folder's ids against the manifests. Returns the writer's summary and rejections."""
+    for entry in work.output.iterdir():  # what an interrupted merge left
+        if entry.name != WORK:
+            shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    writer = DatasetWriter(work.output, class_names, shard_size=shard_size, keep=(WORK,))
+    expected: dict[str, list[str]] = {}
+    splits = list(dict.fromkeys(u.split for u in units))
+    for split in splits:
+        mine = [u for u in units if u.split == split]
+        for unit in mine:
+            annotated = work.load_annotation(unit.name)
+            for rid, stage, reason in annotated["rejections"]:
+                writer.reject(rid, split, stage, reason)
+            for record in annotated["phrase_masks"]:
+                writer.add_phrase_mask_record(split, record)
+        ids = expected.setdefault(split, [])
+        for unit in mine:
+            data, manifest = work.load_unit(unit.name)
+            for record in pq.read_table(pa.BufferReader(data)).to_pylist():
+                writer.add_record(split, record)
+            for rid, stage, reason in manifest["rejections"]:
+                writer.reject(rid, split, stage, reason)
+            ids += manifest["ids"]
+            fault_point("merge")
+    summary = writer.close(settings=settings, description=description)
+    for split, ids in expected.items():
+        files = sorted((work.output / "data").glob(f"{split}-*-of-*.parquet"))
+        written = [i for f in files for i in pq.read_table(f, columns=["id"]).column("id").to_pylist()]
+        if written != ids:
+            raise RuntimeError(
+                f"internal error: the merged {split} split of {work.output} has {len(written)} rows, "
+                f"the finished units {len(ids)} (or another order); rerun with --overwrite"
+            )
+    return summary, writer.rejected
 
 
 def build_generators(config: GenerateConfig):
@@ -965,45 +1153,23 @@ def build_annotator(config: GenerateConfig, class_names: list[str]) -> Annotator
     return Annotator(class_names, captioner=captioner, extractor=extractor, segmenter=segmenter)
 
 
-def annotate_split(
-    annotator: Annotator,
-    cache: _SampleCache,
-    indices: list[int],
-    writer: DatasetWriter,
-    config: GenerateConfig,
-) -> None:
-    """Caption, phrases and masks for the originals of one split, ``--chunk-size`` at a time.
-
-    Annotations go into ``cache`` (every later read of a sample carries them), rejections and phrase
-    masks into ``writer``. Unreadable inputs are skipped here; the main loop records them.
-    """
-    split = cache.split
-    bar = tqdm(total=len(indices), desc=f"describe {split}", disable=not config.progress, unit="img")
-    for s in range(0, len(indices), config.chunk_size):
-        chunk = indices[s : s + config.chunk_size]
-        loaded: list[tuple[int, Sample]] = []
-        for index in chunk:
-            try:
-                loaded.append((index, cache.get(index)))
-            except RejectedInput:
-                continue
-        annotations, rejections, phrase_masks = annotator([sample for _, sample in loaded])
-        for (index, _), annotation in zip(loaded, annotations, strict=True):
-            cache.annotate(index, annotation)
-        for rid, stage, reason in rejections:
-            writer.reject(rid, split, stage, reason)
-        for pm in phrase_masks:
-            writer.add_phrase_mask(split, pm.id, pm.phrase, pm.mask, pm.boxes, pm.scores)
-        bar.update(len(chunk))
-    bar.close()
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="generate.py",
         description=(
             "Build a counterfactual dataset (originals, positives, negatives) from the built-in synthetic "
             "benchmark or an image folder, written as a Hugging Face dataset folder."
+        ),
+        epilog=(
+            "Resuming: work is committed to OUTPUT/.work/ one unit (--chunk-size originals of a split) "
+            "at a time, atomically. If the job dies (even killed), run the same command again: finished "
+            "units are kept, the rest is made, and the dataset is the one an uninterrupted run writes. "
+            "A rerun with other settings is refused (naming them) unless --overwrite. A rerun on a "
+            "finished dataset with the same settings says so and exits 0. "
+            "Several processes: 'accelerate launch --multi_gpu --num_processes N scripts/generate.py "
+            "...' (or a multi-node accelerate launch; OUTPUT must then be on a shared filesystem) shares "
+            "the units out, each process loads the models on its own GPU, and the main process merges "
+            "the units; the dataset is the same, row for row, whatever N is."
         ),
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
@@ -1049,7 +1215,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--caption-column", help="hub: a caption column, if any (else --captioner or the label)")
     g.add_argument("--revision", help="hub: the dataset revision (branch, tag or commit)")
     p.add_argument("--output", required=True, help="dataset folder to write")
-    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --output")
+    p.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="delete --output first and start afresh (without it, an unfinished job with the same "
+        "settings is resumed and anything else refused)",
+    )
     p.add_argument(
         "--limit", type=int, help="at most N originals per split, balanced over classes (quick runs)"
     )
@@ -1211,7 +1382,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--chunk-size",
         type=int,
         default=256,
-        help="originals per round of description and generation (each model batches within it)",
+        help="originals per round of description and generation (each model batches within it); also "
+        "the unit of work shared between processes and committed at once (a crash loses at most the "
+        "units in flight)",
     )
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
@@ -1231,6 +1404,9 @@ def cli(argv: list[str] | None = None) -> int:
     except (OSError, ImportError, ValueError, RuntimeError) as e:
         print(f"generate.py: error: {e}", file=sys.stderr)
         return 2
-    print(json.dumps(summary, indent=2))
-    print(f"wrote {config.output} (load it with datasets.load_dataset({config.output!r}))")
+    if summary.get("complete"):
+        print(f"{config.output} is complete (made with the same settings); nothing to do")
+    elif "process_index" not in summary:  # the main process (the others made units only)
+        print(json.dumps(summary, indent=2))
+        print(f"wrote {config.output} (load it with datasets.load_dataset({config.output!r}))")
     return 0

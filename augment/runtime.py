@@ -5,20 +5,45 @@ from __future__ import annotations
 import os
 from typing import Any
 
-__all__ = ["check_model_ref", "resolve_device", "resolve_dtype", "model_info"]
+__all__ = ["check_model_ref", "process_state", "resolve_device", "resolve_dtype", "model_info"]
+
+
+def process_state(device: str | None = None):
+    """Accelerate's ``PartialState`` of this process (which one of how many, and its device).
+
+    Without a GPU, with ``device`` ``cpu`` or with ``ACCELERATE_USE_CPU=1`` it is the CPU state, so
+    that ``accelerate launch --multi_gpu --num_processes N`` still starts N processes that see each
+    other (over gloo). The state is made once per process; later calls return the same one.
+    """
+    import torch
+    from accelerate import PartialState
+
+    if int(os.environ.get("WORLD_SIZE", "1")) == 1:  # not launched as several processes
+        return PartialState()
+
+    has_accelerator = torch.cuda.is_available() or (
+        hasattr(torch.backends, "mps") and torch.backends.mps.is_available()
+    )
+    cpu = (
+        not has_accelerator
+        or (device or "").startswith("cpu")
+        or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes")
+    )
+    return PartialState(cpu=cpu)
 
 
 def resolve_device(device: str | None = None) -> str:
     """``device`` as given, else Accelerate's device for this process (a GPU when there is one).
 
     Accelerate's choice honours ``ACCELERATE_USE_CPU=1`` and, under ``accelerate launch``, gives each
-    process its own GPU.
+    process its own GPU; so does a bare ``cuda`` when several processes run.
     """
-    if device:
-        return device
     from accelerate import PartialState
 
-    return str(PartialState().device)
+    state = PartialState()
+    if device == "cuda" and state.num_processes > 1 and state.device.type == "cuda":
+        return str(state.device)
+    return device or str(state.device)
 
 
 def resolve_dtype(device: str, dtype: str | None = None):
