@@ -32,10 +32,13 @@ from typing import Any
 
 import yaml
 
+from . import trust
+
 LOGIN_HELP = (
     "log in with `hf auth login` (`huggingface-cli login` with older huggingface_hub) or set the HF_TOKEN "
     "environment variable to a token with write access (https://huggingface.co/settings/tokens)"
 )
+
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -322,7 +325,7 @@ def validate_model_folder(model_dir: str | os.PathLike) -> dict[str, Any]:
     import debias.models  # noqa: F401  (registers the small ResNet with the Auto classes)
 
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir), **trust.code_kwargs())
     except Exception as e:  # transformers raises several types for a bad config
         raise PublishError(f"--model {model_dir}: transformers cannot read config.json ({e})") from e
     return config.to_dict()

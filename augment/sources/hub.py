@@ -30,6 +30,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .. import trust
 from ..inputs import (
     DEFAULT_MAX_PIXELS,
     array_image,
@@ -84,7 +85,7 @@ def load_any(data_dir: str, revision: str | None = None):
             return ds if isinstance(ds, DatasetDict) else DatasetDict({"train": ds})
         cache_dir = Path(config.HF_DATASETS_CACHE) / "hub_source" / _folder_fingerprint(root)
         try:
-            ds = load_dataset(str(root), cache_dir=str(cache_dir))
+            ds = load_dataset(str(root), cache_dir=str(cache_dir), **trust.dataset_kwargs(load_dataset))
         except Exception as e:  # datasets raises many types here; name the folder and the cause
             raise ValueError(
                 f"--data-dir {data_dir}: datasets.load_dataset cannot read this folder "
@@ -93,7 +94,7 @@ def load_any(data_dir: str, revision: str | None = None):
             ) from e
     else:
         try:
-            ds = load_dataset(data_dir, revision=revision)
+            ds = load_dataset(data_dir, revision=revision, **trust.dataset_kwargs(load_dataset))
         except (ConnectionError, TimeoutError) as e:
             raise ConnectionError(
                 f"--data-dir {data_dir}: cannot reach the Hugging Face Hub ({e}); download the dataset "
