@@ -1112,7 +1112,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         report = run(config)
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"discover.py: error: {e}", file=sys.stderr)
+        print(f"discover.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     for name, c in report["classes"].items():
         print(f"{name}: spurious {c['spurious_phrases'] or 'none'}; positives {c['positives']}")

@@ -446,7 +446,10 @@ def _push(
             raise PublishError(
                 f"the Hub refused the token for {repo_id} (HTTP {status}): {LOGIN_HELP}"
             ) from e
-        raise PublishError(f"uploading to {repo_id} failed: {type(e).__name__}: {e}") from e
+        # the client's message may quote the request; the token must not reach a log
+        raise PublishError(
+            trust.redact(f"uploading to {repo_id} failed: {type(e).__name__}: {e}", [token])
+        ) from e
     return {
         "repo_id": repo_id,
         "repo_type": repo_type,
@@ -619,7 +622,7 @@ def cli(argv: list[str] | None = None) -> int:
                 license=args.license,
             )
     except (PublishError, FileNotFoundError, ValueError) as e:
-        print(f"publish.py: error: {e}", file=sys.stderr)
+        print(f"publish.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     files = result.pop("files")
     print(json.dumps({**result, "num_files": len(files)}, indent=2))

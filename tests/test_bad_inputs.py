@@ -508,3 +508,42 @@ def test_a_malicious_pickle_checkpoint_is_refused(tmp_path):
     plain = tmp_path / "plain.pth"
     torch.save({"weight": torch.arange(3.0)}, plain)
     assert trust.load_weights(plain)["weight"].tolist() == [0.0, 1.0, 2.0]
+
+
+def test_hub_rows_paths_outside_the_dataset_are_not_opened(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from augment.sources.hub import HubSource
+
+    folder = tmp_path / "ds"
+    (folder / "imgs").mkdir(parents=True)
+    (folder / "data").mkdir()
+    Image.fromarray(_scene()).save(folder / "imgs" / "ok.png")
+    Image.fromarray(_scene()).save(tmp_path / "outside.png")  # exists, but outside the dataset
+    v16 = (np.arange(24 * 24, dtype=np.uint32).reshape(24, 24) * 97 % 65536).astype(np.uint16)
+    buf = io.BytesIO()
+    Image.fromarray(v16).save(buf, "PNG")
+    cells = [
+        {"bytes": buf.getvalue(), "path": None},
+        {"bytes": None, "path": "/etc/hostname"},
+        {"bytes": None, "path": "../outside.png"},
+        {"bytes": None, "path": "imgs/ok.png"},
+        {"bytes": b"", "path": None},
+    ]
+    # written with pyarrow: datasets' own writer would try to read the path-only cells
+    cell = pa.struct([("bytes", pa.binary()), ("path", pa.string())])
+    table = pa.table({"image": pa.array(cells, type=cell), "label": [0, 1, 0, 1, 0]})
+    pq.write_table(table, folder / "data" / "train-00000-of-00001.parquet")
+    src = HubSource(str(folder))
+    got = np.asarray(src.load("train", 0).image)
+    np.testing.assert_array_equal(got, np.repeat((v16 >> 8).astype(np.uint8)[..., None], 3, axis=2))
+    for row, text in (
+        (1, "'/etc/hostname' is outside the dataset folder"),
+        (2, "'../outside.png' is outside"),
+    ):
+        with pytest.raises(RejectedInput, match=text):
+            src.load("train", row)
+    np.testing.assert_array_equal(np.asarray(src.load("train", 3).image), _scene())
+    with pytest.raises(RejectedInput, match="row 4 image: empty file"):
+        src.load("train", 4)

@@ -131,13 +131,14 @@ def _feature_kind(feature) -> str:
 
 
 def _open(
-    value: Any, what: str, allowed: list[Path], max_pixels: int | None
+    value: Any, what: str, allowed: list[Path], max_pixels: int | None, base: Path | None = None
 ) -> tuple[Image.Image, str | None]:
     """Decode a cell of an image column (``{"bytes", "path"}``, bytes, a path, an array or a PIL image).
 
     Returns the fully loaded image and its file path when the dataset stores one. A path is opened
     only when it lies inside one of ``allowed`` (the dataset folder, the datasets / Hub caches): a
-    row cannot make the job read ``/etc/...`` or ``../../`` files.
+    row cannot make the job read ``/etc/...`` or ``../../`` files. A relative path is taken from
+    ``base`` (a local dataset's folder), not from the working directory.
     """
     path = None
     if isinstance(value, Image.Image):
@@ -153,7 +154,8 @@ def _open(
         path = str(value)
         if "\x00" in path:
             raise RejectedInput(f"{what}: file path {display_name(path)!r} contains a NUL character")
-        real = Path(os.path.realpath(path))
+        full = Path(path) if base is None else base / path  # an absolute path stays itself
+        real = Path(os.path.realpath(full))
         if not any(real.is_relative_to(root) for root in allowed):
             raise RejectedInput(
                 f"{what}: file path {display_name(path)!r} is outside the dataset folder and the "
@@ -216,6 +218,7 @@ class HubSource(Source):
         self.max_pixels = check_max_pixels(max_pixels)
         set_pixel_limit(self.max_pixels)
         self._allowed = _allowed_roots(str(data_dir))
+        self._base = Path(os.path.expanduser(str(data_dir))) if _is_local(str(data_dir)) else None
 
         self.data_dir = str(data_dir)
         self.revision = revision
@@ -414,12 +417,16 @@ class HubSource(Source):
                 f"{self.class_names[:20]}{' ...' if len(self.class_names) > 20 else ''}",
                 stage="label",
             )
-        raw_image, path = _open(row[self.image_column], f"{where} image", self._allowed, self.max_pixels)
+        raw_image, path = _open(
+            row[self.image_column], f"{where} image", self._allowed, self.max_pixels, self._base
+        )
         image = to_rgb(raw_image, f"{where} image", path)
         mask = None
         if self.mask_column and row[self.mask_column] is not None:
             try:
-                m, _ = _open(row[self.mask_column], f"{where} mask", self._allowed, self.max_pixels)
+                m, _ = _open(
+                    row[self.mask_column], f"{where} mask", self._allowed, self.max_pixels, self._base
+                )
             except RejectedInput as e:
                 raise RejectedInput(e.reason, stage="mask", path=e.path) from e
             mask = fit_mask(mask_bits(m), image.size, f"of {where}", path, orientation(raw_image))

@@ -1579,6 +1579,6 @@ def cli(argv: list[str] | None = None) -> int:
             print(f"wrote {config.output} (load it with datasets.load_dataset({config.output!r}))")
     # OSError: a model that cannot load or an existing output; ImportError: an optional package missing
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"personalize.py: error: {e}", file=sys.stderr)
+        print(f"personalize.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     return 0
