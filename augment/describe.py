@@ -17,6 +17,8 @@ from PIL import Image
 
 from prompts import CAPTION_LABEL, render
 
+from . import trust
+
 __all__ = ["Captioner", "choose_captions", "clean_caption"]
 
 _SPACE = re.compile(r"\s+")
@@ -99,10 +101,10 @@ class Captioner:
 
         device = resolve_device(device)
         torch_dtype = resolve_dtype(device, dtype)
-        processor = AutoProcessor.from_pretrained(model_id_or_path, revision=revision)
+        processor = AutoProcessor.from_pretrained(model_id_or_path, revision=revision, **trust.code_kwargs())
         try:
             model = AutoModelForImageTextToText.from_pretrained(
-                model_id_or_path, revision=revision, dtype=torch_dtype
+                model_id_or_path, revision=revision, dtype=torch_dtype, **trust.model_kwargs()
             )
         except ValueError as e:  # a model type the image-to-text auto class does not know
             raise ValueError(f"{model_id_or_path}: not an image-to-text model ({e})") from e

@@ -53,7 +53,7 @@ import numpy as np
 from PIL import Image
 from tqdm.auto import tqdm
 
-from . import __version__
+from . import __version__, trust
 from .imageops import mask_image, to_array, to_mask
 from .seeding import item_rng, item_seed
 
@@ -171,8 +171,8 @@ class PhraseEncoder:
 
         model_id = check_model_ref(model_id, "similarity model")
         device = resolve_device(device)
-        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        model = AutoModel.from_pretrained(model_id, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, **trust.code_kwargs())
+        model = AutoModel.from_pretrained(model_id, revision=revision, **trust.model_kwargs())
         ref = {"model": model_id, "revision": revision or getattr(model.config, "_commit_hash", None)}
         return cls(model, tokenizer, device, ref)
 
@@ -1112,7 +1112,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         report = run(config)
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"discover.py: error: {e}", file=sys.stderr)
+        print(f"discover.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     for name, c in report["classes"].items():
         print(f"{name}: spurious {c['spurious_phrases'] or 'none'}; positives {c['positives']}")

@@ -23,6 +23,8 @@ from typing import Any
 
 from prompts import EXTRACT, load_json
 
+from . import trust
+
 __all__ = [
     "AnswerError",
     "Extraction",
@@ -342,7 +344,7 @@ class LLMExtractor:
 
         device = resolve_device(device)
         torch_dtype = resolve_dtype(device, dtype)
-        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model_id_or_path, revision=revision, **trust.code_kwargs())
         if tokenizer.chat_template is None:
             raise ValueError(
                 f"{model_id_or_path}: the tokenizer has no chat template; use an instruction-tuned model"
@@ -350,7 +352,9 @@ class LLMExtractor:
         tokenizer.padding_side = "left"  # generation continues at the right edge of every row
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
-        model = AutoModelForCausalLM.from_pretrained(model_id_or_path, revision=revision, dtype=torch_dtype)
+        model = AutoModelForCausalLM.from_pretrained(
+            model_id_or_path, revision=revision, dtype=torch_dtype, **trust.model_kwargs()
+        )
         model.to(device).eval()
         info = {
             **model_info(model_id_or_path, model, revision, torch_dtype),

@@ -40,6 +40,8 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from . import trust
+
 __all__ = [
     "ClassifierProbe",
     "FilterConfig",
@@ -362,14 +364,16 @@ class SemanticFilter:
 
         model_id = check_model_ref(model_id, "semantic filter model")
         device = resolve_device(device)
-        model = AutoModel.from_pretrained(model_id, revision=revision)
+        model = AutoModel.from_pretrained(model_id, revision=revision, **trust.model_kwargs())
         if not hasattr(model, "get_image_features") or not hasattr(model, "get_text_features"):
             raise ValueError(
                 f"semantic filter model {model_id} ({type(model).__name__}) is not an image-text model "
                 "with get_image_features/get_text_features (use a CLIP or SigLIP model)"
             )
-        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision)
-        image_processor = AutoImageProcessor.from_pretrained(model_id, revision=revision)
+        tokenizer = AutoTokenizer.from_pretrained(model_id, revision=revision, **trust.code_kwargs())
+        image_processor = AutoImageProcessor.from_pretrained(
+            model_id, revision=revision, **trust.code_kwargs()
+        )
         ref = {"model": model_id, "revision": revision or getattr(model.config, "_commit_hash", None)}
         return cls(model, tokenizer, image_processor, negatives, device=device, ref=ref)
 

@@ -39,6 +39,19 @@ def mask_image(mask: np.ndarray) -> Image.Image:
     return Image.fromarray(mask.astype(np.uint8) * 255, "L")
 
 
+def mask_coverage_problem(mask: Image.Image | np.ndarray | None) -> str | None:
+    """Why a foreground mask cannot give a counterfactual (it is empty, or it leaves no background),
+    or None when it has both object and background pixels."""
+    if mask is None:
+        return "no foreground mask"
+    m = to_mask(mask)
+    if not m.any():
+        return "the foreground mask is empty"
+    if m.all():
+        return "the foreground mask covers the whole image (no background)"
+    return None
+
+
 def mask_bbox(mask: np.ndarray, pad: int = 0) -> Box | None:
     """Bounding box of the foreground, grown by ``pad`` pixels and clipped; None for an empty mask."""
     rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))

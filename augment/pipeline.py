@@ -33,10 +33,12 @@ from tqdm.auto import tqdm
 
 from prompts import CAPTION_BACKGROUND, CAPTION_LABEL, CAPTION_SCENE, EDIT_TEXTURE, render
 
-from . import __version__
+from . import __version__, trust
 from .annotate import Annotation, Annotator
 from .dataset import DatasetWriter, Row, dataset_features, parquet_bytes, phrase_mask_record
 from .filters import FilterConfig, add_filter_arguments
+from .imageops import mask_coverage_problem
+from .inputs import DEFAULT_MAX_PIXELS
 from .runtime import process_state
 from .seeding import item_rng, item_seed
 from .segment import MASK_SOURCES, add_mask_arguments, segmenter_from_config
@@ -67,6 +69,9 @@ class GenerateConfig:
     group_column: str | None = None
     caption_column: str | None = None
     revision: str | None = None
+    max_image_pixels: int | None = DEFAULT_MAX_PIXELS
+    trust_remote_code: bool = False
+    allow_bin_weights: bool = False
     limit: int | None = None
     seed: int = 0
     counterfactual_splits: list[str] = field(default_factory=lambda: ["train"])
@@ -147,7 +152,12 @@ class GenerateConfig:
         if self.source in SOURCES and not self.data_dir:
             raise ValueError(f"--source {self.source} needs --data-dir")
         if self.source == "folder":
-            return {"data_dir": self.data_dir, "mask_dir": self.mask_dir, "classes": self.classes}
+            return {
+                "data_dir": self.data_dir,
+                "mask_dir": self.mask_dir,
+                "classes": self.classes,
+                "max_pixels": self.max_image_pixels,
+            }
         if self.source == "bgchallenge":
             return {
                 "data_dir": self.data_dir,
@@ -167,6 +177,7 @@ class GenerateConfig:
                 "splits": self.splits,
                 "revision": self.revision,
                 "classes": self.classes,
+                "max_pixels": self.max_image_pixels,
             }
         raise ValueError(f"unknown --source {self.source!r}; choose one of synthetic, {', '.join(SOURCES)}")
 
@@ -328,7 +339,7 @@ class CounterfactualBuilder:
             except RejectedInput:
                 tried.append(j)
                 continue
-            if partner.mask is None or not np.asarray(partner.mask).any():
+            if partner.mask is None or mask_coverage_problem(partner.mask):
                 tried.append(j)
                 continue
             return partner, ""
@@ -359,10 +370,9 @@ class CounterfactualBuilder:
                     )
                 )
                 continue
-            if not np.asarray(anchor.mask).any():
-                rejections.append(
-                    (anchor.id, "composite", f"{where}: the foreground mask is empty, so no counterfactuals")
-                )
+            problem = mask_coverage_problem(anchor.mask)
+            if problem:  # the original is kept; nothing can be swapped or removed
+                rejections.append((anchor.id, "composite", f"{where}: {problem}, so no counterfactuals"))
                 continue
             for k in range(self.config.num_positives):
                 self._plan_positive(anchor, k, rows, rejections, jobs)
@@ -822,6 +832,7 @@ def run(config: GenerateConfig) -> dict[str, Any]:
     check_config(config)
     state = process_state(config.device)
     rank, world = state.process_index, state.num_processes
+    trust.configure(config.trust_remote_code, config.allow_bin_weights)
     source = build_source(config.source, **config.source_kwargs())
     start = time.perf_counter()
     settings_key = run_settings(config)
@@ -897,6 +908,7 @@ def run(config: GenerateConfig) -> dict[str, Any]:
         **source.describe(),
         "generator": config.positives,
         "annotation": annotator.describe(),
+        "loading": trust.describe(),
         "generators": {
             "positives": positive_gen.describe() if positive_gen is not None else {"generator": "composite"},
             "negatives": negative_gen.describe() if negative_gen is not None else {"generator": "composite"},
@@ -1012,6 +1024,8 @@ def merge_units(
                 writer.reject(rid, split, stage, reason)
             ids += manifest["ids"]
             fault_point("merge")
+    if not any(writer.counts.values()):
+        raise RuntimeError(no_usable_input(sum(len(u.indices) for u in units), writer.rejected))
     summary = writer.close(settings=settings, description=description)
     for split, ids in expected.items():
         files = sorted((work.output / "data").glob(f"{split}-*-of-*.parquet"))
@@ -1022,6 +1036,14 @@ def merge_units(
                 f"the finished units {len(ids)} (or another order); rerun with --overwrite"
             )
     return summary, writer.rejected
+
+
+def no_usable_input(inputs: int, rejected: list[dict[str, str]], shown: int = 10) -> str:
+    """The error of a run that kept nothing: how many inputs, and the first reasons."""
+    reasons = [f"[{r['stage']}] {r['reason']}" for r in rejected[:shown]]
+    more = f"\n  ... and {len(rejected) - shown} more" if len(rejected) > shown else ""
+    listed = "".join(f"\n  {r}" for r in reasons)
+    return f"no usable input: all {inputs} inputs were rejected, nothing was written:{listed}{more}"
 
 
 def build_generators(config: GenerateConfig):
@@ -1214,6 +1236,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--caption-column", help="hub: a caption column, if any (else --captioner or the label)")
     g.add_argument("--revision", help="hub: the dataset revision (branch, tag or commit)")
+    p.add_argument(
+        "--max-image-pixels",
+        type=int,
+        default=DEFAULT_MAX_PIXELS,
+        help="folder and hub sources: an image (or mask) with more pixels (width x height) is rejected "
+        "with the reason, a guard against decompression bombs; 0 = no limit",
+    )
     p.add_argument("--output", required=True, help="dataset folder to write")
     p.add_argument(
         "--overwrite",
@@ -1386,6 +1415,7 @@ def build_parser() -> argparse.ArgumentParser:
         "the unit of work shared between processes and committed at once (a crash loses at most the "
         "units in flight)",
     )
+    trust.add_arguments(p.add_argument_group("loading models and datasets"))
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
 
@@ -1402,7 +1432,7 @@ def cli(argv: list[str] | None = None) -> int:
         summary = run(config)
     # OSError: a model id or folder that cannot load; ImportError: segment-anything not installed
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"generate.py: error: {e}", file=sys.stderr)
+        print(f"generate.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     if summary.get("complete"):
         print(f"{config.output} is complete (made with the same settings); nothing to do")

@@ -32,10 +32,13 @@ from typing import Any
 
 import yaml
 
+from . import trust
+
 LOGIN_HELP = (
     "log in with `hf auth login` (`huggingface-cli login` with older huggingface_hub) or set the HF_TOKEN "
     "environment variable to a token with write access (https://huggingface.co/settings/tokens)"
 )
+
 MODEL_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 
 
@@ -322,7 +325,7 @@ def validate_model_folder(model_dir: str | os.PathLike) -> dict[str, Any]:
     import debias.models  # noqa: F401  (registers the small ResNet with the Auto classes)
 
     try:
-        config = AutoConfig.from_pretrained(str(model_dir))
+        config = AutoConfig.from_pretrained(str(model_dir), **trust.code_kwargs())
     except Exception as e:  # transformers raises several types for a bad config
         raise PublishError(f"--model {model_dir}: transformers cannot read config.json ({e})") from e
     return config.to_dict()
@@ -443,7 +446,10 @@ def _push(
             raise PublishError(
                 f"the Hub refused the token for {repo_id} (HTTP {status}): {LOGIN_HELP}"
             ) from e
-        raise PublishError(f"uploading to {repo_id} failed: {type(e).__name__}: {e}") from e
+        # the client's message may quote the request; the token must not reach a log
+        raise PublishError(
+            trust.redact(f"uploading to {repo_id} failed: {type(e).__name__}: {e}", [token])
+        ) from e
     return {
         "repo_id": repo_id,
         "repo_type": repo_type,
@@ -616,7 +622,7 @@ def cli(argv: list[str] | None = None) -> int:
                 license=args.license,
             )
     except (PublishError, FileNotFoundError, ValueError) as e:
-        print(f"publish.py: error: {e}", file=sys.stderr)
+        print(f"publish.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     files = result.pop("files")
     print(json.dumps({**result, "num_files": len(files)}, indent=2))

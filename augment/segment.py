@@ -45,6 +45,8 @@ from typing import Any
 
 import numpy as np
 
+from . import trust
+
 __all__ = [
     "PostProcess",
     "SegmentResult",
@@ -326,8 +328,10 @@ class TransformersSam(_SamBackend):
         model_id = check_model_ref(model_id, "--sam")
         device = resolve_device(device)
         torch_dtype = dtype if not isinstance(dtype, str | None) else resolve_dtype(device, dtype)
-        model = AutoModelForMaskGeneration.from_pretrained(model_id, revision=revision, dtype=torch_dtype)
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        model = AutoModelForMaskGeneration.from_pretrained(
+            model_id, revision=revision, dtype=torch_dtype, **trust.model_kwargs()
+        )
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision, **trust.code_kwargs())
         model.to(device)
         return cls(model, processor, device, torch_dtype, _model_ref(model_id, model.config, revision))
 
@@ -433,7 +437,6 @@ class SegmentAnythingSam(_SamBackend):
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, sam_type: str = "vit_h", device: str | None = None, dtype=None):
-        import torch
 
         from .runtime import resolve_device, resolve_dtype
 
@@ -449,7 +452,7 @@ class SegmentAnythingSam(_SamBackend):
         device = resolve_device(device)
         torch_dtype = dtype if not isinstance(dtype, str | None) else resolve_dtype(device, dtype)
         sam = builder()
-        state = torch.load(checkpoint, map_location="cpu", weights_only=True)
+        state = trust.load_weights(checkpoint, "--sam-checkpoint")
         sam.load_state_dict(state)
         sam.to(device=device)
         ref = {"model": str(checkpoint), "revision": None, "commit": None, "sam_type": sam_type}
@@ -592,9 +595,9 @@ class TextDetector:
         device = resolve_device(device)
         torch_dtype = dtype if not isinstance(dtype, str | None) else resolve_dtype(device, dtype)
         model = AutoModelForZeroShotObjectDetection.from_pretrained(
-            model_id, revision=revision, dtype=torch_dtype
+            model_id, revision=revision, dtype=torch_dtype, **trust.model_kwargs()
         )
-        processor = AutoProcessor.from_pretrained(model_id, revision=revision)
+        processor = AutoProcessor.from_pretrained(model_id, revision=revision, **trust.code_kwargs())
         model.to(device)
         ref = _model_ref(model_id, model.config, revision)
         return cls(model, processor, device, torch_dtype, ref, top_k=top_k, nms_iou=nms_iou)

@@ -54,6 +54,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from augment import trust
 from augment.imageops import box_mask, mask_bbox, paste, tile_fill, to_mask
 from augment.seeding import item_rng
 from augment.sources.bgchallenge import VARIANTS  # the eight, in the release's order
@@ -570,7 +571,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         report = main(args)
     except (FileNotFoundError, ValueError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr)
+        print(f"evaluate.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     acc = report["accuracy"]
     summary = {"accuracy": {k: round(v, 2) for k, v in acc.items()}, "bg_gap": report["bg_gap"]}

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForImageClassification, PretrainedConfig, PreTrainedModel
 from transformers.modeling_outputs import ImageClassifierOutputWithNoAttention
 
+from augment import trust
+
 SMALL_RESNET = "small-resnet"
 
 
@@ -254,6 +256,7 @@ def build_model(
         id2label=id2label,
         label2id=label2id,
         ignore_mismatched_sizes=True,
+        **trust.model_kwargs(),
     )
     pre = read_preprocessing(backbone)
     if resolution:
@@ -265,5 +268,5 @@ def load_classifier(path: str) -> tuple[PreTrainedModel, Preprocessing]:
     """A trained classifier (folder or Hub id) and its preprocessing, ready for evaluation."""
     if os.path.isdir(path) and not os.path.isfile(os.path.join(path, "config.json")):
         raise FileNotFoundError(f"{path} has no config.json: not a model folder written by scripts/train.py")
-    model = AutoModelForImageClassification.from_pretrained(path)
+    model = AutoModelForImageClassification.from_pretrained(path, **trust.model_kwargs())
     return model.eval(), read_preprocessing(path)

@@ -46,6 +46,8 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from augment import trust
+
 from .losses import clad_infonce, eps_supinfonce, fairkl, supcon
 from .negatives import NegativeDictionary
 
@@ -794,7 +796,7 @@ def cli(argv: list[str] | None = None) -> int:
     try:
         summary = main(args)
     except (FileNotFoundError, ValueError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        print(f"train.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     if int(os.environ.get("RANK", "0")) == 0:
         print(json.dumps(summary, indent=2))

@@ -23,15 +23,26 @@ Images are decoded one row at a time, on :meth:`HubSource.load` (random access t
 from __future__ import annotations
 
 import hashlib
-import io
 import os
-import warnings
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image
 
+from .. import trust
+from ..inputs import (
+    DEFAULT_MAX_PIXELS,
+    array_image,
+    check_max_pixels,
+    display_name,
+    fit_mask,
+    mask_bits,
+    open_image,
+    orientation,
+    set_pixel_limit,
+    to_rgb,
+)
 from .base import RejectedInput, Sample, Source, canonical_split, order_splits
 
 
@@ -74,7 +85,7 @@ def load_any(data_dir: str, revision: str | None = None):
             return ds if isinstance(ds, DatasetDict) else DatasetDict({"train": ds})
         cache_dir = Path(config.HF_DATASETS_CACHE) / "hub_source" / _folder_fingerprint(root)
         try:
-            ds = load_dataset(str(root), cache_dir=str(cache_dir))
+            ds = load_dataset(str(root), cache_dir=str(cache_dir), **trust.dataset_kwargs(load_dataset))
         except Exception as e:  # datasets raises many types here; name the folder and the cause
             raise ValueError(
                 f"--data-dir {data_dir}: datasets.load_dataset cannot read this folder "
@@ -83,7 +94,7 @@ def load_any(data_dir: str, revision: str | None = None):
             ) from e
     else:
         try:
-            ds = load_dataset(data_dir, revision=revision)
+            ds = load_dataset(data_dir, revision=revision, **trust.dataset_kwargs(load_dataset))
         except (ConnectionError, TimeoutError) as e:
             raise ConnectionError(
                 f"--data-dir {data_dir}: cannot reach the Hugging Face Hub ({e}); download the dataset "
@@ -119,24 +130,15 @@ def _feature_kind(feature) -> str:
     return "other"
 
 
-def _rgb(im: Image.Image) -> Image.Image:
-    """An RGB copy of a decoded image: EXIF orientation applied, transparency on white, 16-bit scaled."""
-    im = ImageOps.exif_transpose(im)
-    if im.mode in ("RGBA", "LA") or (im.mode == "P" and "transparency" in im.info):
-        rgba = im.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return Image.alpha_composite(white, rgba).convert("RGB")
-    if im.mode.startswith("I") or im.mode == "F":
-        arr = np.asarray(im, dtype=np.float64)
-        peak = 65535.0 if arr.max() > 255 else 255.0
-        im = Image.fromarray(np.clip(arr / peak * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return im.convert("RGB")
-
-
-def _open(value: Any, what: str) -> tuple[Image.Image, str | None]:
+def _open(
+    value: Any, what: str, allowed: list[Path], max_pixels: int | None, base: Path | None = None
+) -> tuple[Image.Image, str | None]:
     """Decode a cell of an image column (``{"bytes", "path"}``, bytes, a path, an array or a PIL image).
 
-    Returns the fully loaded image and its file path when the dataset stores one.
+    Returns the fully loaded image and its file path when the dataset stores one. A path is opened
+    only when it lies inside one of ``allowed`` (the dataset folder, the datasets / Hub caches): a
+    row cannot make the job read ``/etc/...`` or ``../../`` files. A relative path is taken from
+    ``base`` (a local dataset's folder), not from the working directory.
     """
     path = None
     if isinstance(value, Image.Image):
@@ -147,29 +149,37 @@ def _open(value: Any, what: str) -> tuple[Image.Image, str | None]:
     if value is None:
         raise RejectedInput(f"{what}: empty cell (no image)")
     if isinstance(value, (bytes, bytearray, memoryview)):
-        source: Any = io.BytesIO(bytes(value))
-    elif isinstance(value, (str, os.PathLike)):
-        source, path = value, str(value)
-    else:
-        arr = np.asarray(value)
-        if arr.dtype != np.uint8:
-            arr = np.clip(arr, 0, 255).astype(np.uint8)
-        try:
-            return Image.fromarray(arr), None
-        except (TypeError, ValueError) as e:
-            raise RejectedInput(f"{what}: an array of shape {arr.shape} is not an image ({e})") from e
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(source) as im:
-                im.load()
-                return im.copy(), path
-    except UnidentifiedImageError as e:
-        raise RejectedInput(f"{what}: not an image PIL can identify", path=path) from e
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise RejectedInput(f"{what}: image too large ({e})", path=path) from e
-    except (OSError, SyntaxError, ValueError) as e:
-        raise RejectedInput(f"{what}: cannot be decoded ({e})", path=path) from e
+        return open_image(bytes(value), what, path, max_pixels), path
+    if isinstance(value, (str, os.PathLike)):
+        path = str(value)
+        if "\x00" in path:
+            raise RejectedInput(f"{what}: file path {display_name(path)!r} contains a NUL character")
+        full = Path(path) if base is None else base / path  # an absolute path stays itself
+        real = Path(os.path.realpath(full))
+        if not any(real.is_relative_to(root) for root in allowed):
+            raise RejectedInput(
+                f"{what}: file path {display_name(path)!r} is outside the dataset folder and the "
+                "datasets cache; it is not opened",
+                path=path,
+            )
+        return open_image(real, f"{what} ({display_name(path)})", path, max_pixels), path
+    image = array_image(value, what)
+    if max_pixels and image.size[0] * image.size[1] > max_pixels:
+        raise RejectedInput(
+            f"{what}: an array of {image.size[0]}x{image.size[1]} pixels is over --max-image-pixels"
+        )
+    return image, None
+
+
+def _allowed_roots(data_dir: str) -> list[Path]:
+    """Folders an image path in a dataset may point into: a local dataset's folder, the caches."""
+    from datasets import config
+    from huggingface_hub import constants
+
+    roots = [config.HF_DATASETS_CACHE, constants.HF_HUB_CACHE]
+    if _is_local(data_dir):
+        roots.append(os.path.expanduser(data_dir))
+    return [Path(os.path.realpath(r)) for r in roots]
 
 
 class HubSource(Source):
@@ -185,6 +195,7 @@ class HubSource(Source):
         classes: the class list, or a subset of it in the wanted order (rows of other classes are
             rejected).
         caption_column: a text column used as the image's caption, if any.
+        max_pixels: images with more pixels are rejected (None or 0: no limit).
     """
 
     name = "hub"
@@ -200,8 +211,14 @@ class HubSource(Source):
         revision: str | None = None,
         classes: list[str] | None = None,
         caption_column: str | None = None,
+        max_pixels: int | None = DEFAULT_MAX_PIXELS,
     ):
         from datasets import Image as ImageFeature
+
+        self.max_pixels = check_max_pixels(max_pixels)
+        set_pixel_limit(self.max_pixels)
+        self._allowed = _allowed_roots(str(data_dir))
+        self._base = Path(os.path.expanduser(str(data_dir))) if _is_local(str(data_dir)) else None
 
         self.data_dir = str(data_dir)
         self.revision = revision
@@ -400,22 +417,19 @@ class HubSource(Source):
                 f"{self.class_names[:20]}{' ...' if len(self.class_names) > 20 else ''}",
                 stage="label",
             )
-        image, path = _open(row[self.image_column], f"{where} image")
-        image = _rgb(image)
+        raw_image, path = _open(
+            row[self.image_column], f"{where} image", self._allowed, self.max_pixels, self._base
+        )
+        image = to_rgb(raw_image, f"{where} image", path)
         mask = None
         if self.mask_column and row[self.mask_column] is not None:
-            m, _ = _open(row[self.mask_column], f"{where} mask")
-            arr = np.asarray(m)
-            if arr.ndim == 3:
-                arr = arr[..., : min(arr.shape[2], 3)].any(axis=2)
-            if (arr.shape[1], arr.shape[0]) != image.size:
-                raise RejectedInput(
-                    f"{where}: mask is {arr.shape[1]}x{arr.shape[0]} but its image is "
-                    f"{image.size[0]}x{image.size[1]}",
-                    stage="mask",
-                    path=path,
+            try:
+                m, _ = _open(
+                    row[self.mask_column], f"{where} mask", self._allowed, self.max_pixels, self._base
                 )
-            mask = Image.fromarray((arr != 0).astype(np.uint8) * 255, "L")
+            except RejectedInput as e:
+                raise RejectedInput(e.reason, stage="mask", path=e.path) from e
+            mask = fit_mask(mask_bits(m), image.size, f"of {where}", path, orientation(raw_image))
         bg_label = self._bg_label(row[self.group_column]) if self.group_column else -1
         caption = ""
         if self.caption_column and isinstance(row[self.caption_column], str):
@@ -471,4 +485,5 @@ class HubSource(Source):
             "classes": self.class_names,
             "split_names": dict(self.raw_splits),
             "rows": {s: len(ds) for s, ds in self._rows.items()},
+            "max_image_pixels": self.max_pixels,
         }

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
+from .. import __version__, trust
 from ..imageops import mask_image as as_mask_image
 from ..imageops import to_array, to_mask
 
@@ -110,7 +110,11 @@ def load_pipeline(loader, model_id_or_path: str, what: str, device, dtype, revis
     with warnings.catch_warnings():  # newer diffusers also take ``dtype``; ``torch_dtype`` works in all
         warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
         pipe = loader.from_pretrained(
-            model_id_or_path, revision=revision, torch_dtype=torch_dtype, **load_kwargs
+            model_id_or_path,
+            revision=revision,
+            torch_dtype=torch_dtype,
+            **trust.model_kwargs(),
+            **load_kwargs,
         )
     pipe.to(device)
     info = {

@@ -68,7 +68,7 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
-from .. import __version__
+from .. import __version__, trust
 from ..dataset import KINDS
 from ..seeding import item_seed
 from ..segment import MODES, add_mask_arguments
@@ -110,6 +110,7 @@ TI_TEMPLATES = (
     "a photo of one {}",
     "a rendition of a {}",
 )
+
 MASK_SOURCES = ("none", *MODES)
 
 
@@ -389,7 +390,7 @@ def load_components(model: str, revision: str | None, dtypes: dict[str, Any] | N
     dtypes = dtypes or {}
 
     def load(cls, subfolder: str):
-        kw: dict[str, Any] = {"subfolder": subfolder, "revision": revision}
+        kw: dict[str, Any] = {"subfolder": subfolder, "revision": revision, **trust.weights_kwargs()}
         if subfolder in dtypes:
             kw["torch_dtype"] = dtypes[subfolder]
         with warnings.catch_warnings():  # newer releases call it ``dtype``; ``torch_dtype`` works in all
@@ -405,7 +406,9 @@ def load_components(model: str, revision: str | None, dtypes: dict[str, Any] | N
             "instruction-editing one) and load the adapters into the other pipelines afterwards"
         )
     return {
-        "tokenizer": CLIPTokenizer.from_pretrained(model, subfolder="tokenizer", revision=revision),
+        "tokenizer": CLIPTokenizer.from_pretrained(
+            model, subfolder="tokenizer", revision=revision, **trust.code_kwargs()
+        ),
         "text_encoder": load(CLIPTextModel, "text_encoder"),
         "vae": vae,
         "unet": unet,
@@ -798,7 +801,9 @@ def _resolved_revision(model: str, revision: str | None) -> str | None:
     try:
         from transformers import PretrainedConfig
 
-        cfg = PretrainedConfig.from_pretrained(model, subfolder="text_encoder", revision=revision)
+        cfg = PretrainedConfig.from_pretrained(
+            model, subfolder="text_encoder", revision=revision, **trust.code_kwargs()
+        )
         return getattr(cfg, "_commit_hash", None)
     except OSError:
         return None
@@ -956,7 +961,9 @@ class PersonalizedGenerator:
         torch_dtype = resolve_dtype(device, dtype)
         with warnings.catch_warnings():  # newer diffusers call it ``dtype``; ``torch_dtype`` works in all
             warnings.filterwarnings("ignore", message=".*torch_dtype.*", category=FutureWarning)
-            pipe = AutoPipelineForText2Image.from_pretrained(ref, revision=rev, torch_dtype=torch_dtype)
+            pipe = AutoPipelineForText2Image.from_pretrained(
+                ref, revision=rev, torch_dtype=torch_dtype, **trust.model_kwargs()
+            )
         pipe.to(device)
         pipe.set_progress_bar_config(disable=True)
         info = model_info(ref, pipe.text_encoder, rev, torch_dtype)
@@ -1572,6 +1579,6 @@ def cli(argv: list[str] | None = None) -> int:
             print(f"wrote {config.output} (load it with datasets.load_dataset({config.output!r}))")
     # OSError: a model that cannot load or an existing output; ImportError: an optional package missing
     except (OSError, ImportError, ValueError, RuntimeError) as e:
-        print(f"personalize.py: error: {e}", file=sys.stderr)
+        print(f"personalize.py: error: {trust.redact(str(e))}", file=sys.stderr)
         return 2
     return 0
