@@ -2,7 +2,7 @@
 
 The folder, Background Challenge, Hard ImageNet and hub sources read pixels through these functions,
 so a file behaves the same whichever source it comes from. What each case becomes (the table with
-its tests is docs/RELIABILITY-inputs.md):
+its tests is docs/RELIABILITY.md, "Bad input and safe defaults"):
 
 * **kept as is**: RGB; grayscale and 1-bit images (the grey value in all three channels);
 * **converted**: transparency of any kind (RGBA, LA, PA, a palette or RGB with a ``transparency``
