@@ -265,7 +265,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         )
     if getattr(args, "saliency_positives", None):
         if args.method == "erm":
-            raise SystemExit("train.py: error: --saliency-positives needs --method augment, clad or clad+, not erm")
+            raise SystemExit(
+                "train.py: error: --saliency-positives needs --method augment, clad or clad+, not erm"
+            )
         if args.saliency_refresh_epochs < 1:
             raise SystemExit("train.py: error: --saliency-refresh-epochs must be >= 1")
         if not 0 <= args.saliency_threshold < 1:

@@ -246,3 +246,71 @@ def test_two_processes_gather_the_same_cache(originals_only, tmp_path):
     run_script(_train(originals_only, one, "--max-train-steps", "1", *flags))
     # both runs computed epoch 0's views with the same initial model: the gathered cache equals one process's
     assert torch.equal(_cache_state(out / "checkpoint-2")["keep"], _cache_state(one / "checkpoint-1")["keep"])
+
+
+# ----------------------------------------------------------------------------------------------
+# The generator: --positives saliency
+# ----------------------------------------------------------------------------------------------
+
+
+def test_generate_saliency_positives_and_complements(originals_only, tmp_path):
+    from augment.pipeline import GenerateConfig, run
+    from debias.train import main, parse_args
+
+    clf = tmp_path / "clf"
+    main(parse_args(_train(originals_only, clf, "--method", "erm", "--max-train-steps", "2")[2:]))
+    images = originals_only.parent / "images"
+    out = tmp_path / "sal"
+    summary = run(
+        GenerateConfig(
+            output=str(out),
+            source="folder",
+            data_dir=str(images),
+            positives="saliency",
+            classifier=str(clf),
+            saliency_negatives=True,
+            negatives=[],
+            progress=False,
+        )
+    )
+    train = load_dataset(str(out))["train"]
+    originals = {r["id"]: r for r in train if r["kind"] == "original"}
+    positives = [r for r in train if r["kind"] == "positive"]
+    negatives = {r["source_id"]: r for r in train if r["kind"] == "negative"}
+    rejected = [r for r in load_dataset(str(out), "rejected")["train"] if r["stage"] == "saliency"]
+    assert len(originals) == 18 and summary["originals"] == 24
+    # every original: a positive (and its complement) or a recorded rejection of both
+    assert len(positives) + len(rejected) // 2 == 18 and len(negatives) == len(positives)
+    assert all("on the saliency-masked view" in r["reason"] for r in rejected)
+    assert positives and rejected  # this classifier keeps some views and loses others (6 and 12)
+    fill = None
+    for p in positives:
+        recipe = json.loads(p["recipe"]) if isinstance(p["recipe"], str) else p["recipe"]
+        assert recipe["generator"] == "saliency" and recipe["classifier"] == str(clf)
+        assert recipe["threshold"] == 0.5 and recipe["kept_prediction"] is True and recipe["cam_layer"]
+        fill = np.asarray(recipe["fill"], dtype=np.uint8)
+        orig = np.asarray(originals[p["source_id"]]["image"])
+        keep = np.asarray(p["mask"]) == 255
+        assert 0 < keep.mean() < 1 and p["label"] == originals[p["source_id"]]["label"]
+        np.testing.assert_array_equal(np.asarray(p["image"]), np.where(keep[..., None], orig, fill))
+        neg = negatives[p["source_id"]]
+        assert neg["label"] == -1
+        np.testing.assert_array_equal(np.asarray(neg["image"]), np.where(keep[..., None], fill, orig))
+    if fill is not None:  # the mean colour of the train originals
+        mean = np.mean(
+            [np.asarray(o["image"], dtype=np.float64).reshape(-1, 3).mean(0) for o in originals.values()], 0
+        )
+        np.testing.assert_array_equal(fill, mean.round().astype(np.uint8))
+
+
+def test_generate_saliency_needs_a_classifier(tmp_path):
+    from augment.pipeline import GenerateConfig, run
+
+    with pytest.raises(ValueError, match="--classifier"):
+        run(GenerateConfig(output=str(tmp_path / "x"), positives="saliency", progress=False))
+    with pytest.raises(FileNotFoundError, match="no such folder"):
+        run(
+            GenerateConfig(
+                output=str(tmp_path / "x"), positives="saliency", classifier=str(tmp_path / "nope")
+            )
+        )
