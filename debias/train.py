@@ -22,6 +22,13 @@ other originals of its class in the batch (negatives as for InfoNCE). ``--fairkl
 FairKL to the contrastive term, which becomes L_con + w * FairKL (still scaled by ``--lambda-con``);
 see :meth:`Objective.candidate_set` for the pairs and backgrounds it uses.
 
+``--saliency-positives`` (:mod:`debias.excon`, ExCon) gives rows without a counterfactual positive
+(``missing``) or every row (``all``) a positive made from the model's own Grad-CAM: recomputed at the
+start of every ``--saliency-refresh-epochs``-th epoch in eval mode (nothing of the optimiser or the BN
+statistics changes), cached per row and saved with each checkpoint, so a resumed run uses the same
+views. Its features enter the dictionary under a key other than the anchor's class (the view has no
+background of its own). ``train_summary.json`` records the settings and refreshes under ``excon``.
+
 Every epoch the model is evaluated on the validation split's original, mixed_same and mixed_rand
 variants, and the epoch with the best ``--selection-metric`` (CLAD's choice: validation mixed_rand)
 is the one saved with ``save_pretrained``, with its model card (:mod:`debias.modelcard`).
