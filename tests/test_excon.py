@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 import torch
 import torch.nn as nn
-from datasets import load_dataset
 from PIL import Image
 
+from augment.dataset import load_counterfactual_dataset, load_rejected
 from debias.excon import complement_views, excon_views, keep_masks, mask_views, mean_colour
 from tests.conftest import accelerate_launch, python_script, run_script
 
@@ -128,7 +128,7 @@ def originals_only(tmp_path_factory):
                 Image.fromarray(img).save(root / "images" / split / name / f"{i}.png")
     out = root / "dataset"
     run(GenerateConfig(output=str(out), source="folder", data_dir=str(root / "images"), progress=False))
-    kinds = load_dataset(str(out))["train"]["kind"]
+    kinds = load_counterfactual_dataset(out)["train"]["kind"]
     assert set(kinds) == {"original"}
     return out
 
@@ -216,7 +216,7 @@ def test_refresh_shares_rows_between_processes(originals_only, rows):
     from debias.excon import SaliencyPositives
     from debias.models import ClassifierWithFeatures, build_model
 
-    ds = load_dataset(str(originals_only))["train"].select(range(rows))
+    ds = load_counterfactual_dataset(originals_only)["train"].select(range(rows))
     ts = CounterfactualTrainSet(ds, 48, need_positives=False, need_negatives=False)
     torch.manual_seed(0)
     model, pre = build_model("small-resnet", ["blue", "green", "red"], 48, widths=(4, 4, 8, 8))
@@ -273,11 +273,11 @@ def test_generate_saliency_positives_and_complements(originals_only, tmp_path):
             progress=False,
         )
     )
-    train = load_dataset(str(out))["train"]
+    train = load_counterfactual_dataset(out)["train"]
     originals = {r["id"]: r for r in train if r["kind"] == "original"}
     positives = [r for r in train if r["kind"] == "positive"]
     negatives = {r["source_id"]: r for r in train if r["kind"] == "negative"}
-    rejected = [r for r in load_dataset(str(out), "rejected")["train"] if r["stage"] == "saliency"]
+    rejected = [r for r in load_rejected(out)["train"] if r["stage"] == "saliency"]
     assert len(originals) == 18 and summary["originals"] == 24
     # every original: a positive (and its complement) or a recorded rejection of both
     assert len(positives) + len(rejected) // 2 == 18 and len(negatives) == len(positives)
