@@ -340,6 +340,7 @@ class CounterfactualBuilder:
             where = anchor.path or anchor.id
             if saliency and not self.config.negatives:
                 continue
+            derived = "composite negatives" if saliency else "counterfactuals"
             if anchor.mask is None and anchor.meta.get("mask_error"):
                 continue  # the segmentation stage has recorded why there is no mask
             if anchor.mask is None:
@@ -347,13 +348,13 @@ class CounterfactualBuilder:
                     (
                         anchor.id,
                         "composite",
-                        f"{where}: no foreground mask, so no counterfactuals (give --mask-dir)",
+                        f"{where}: no foreground mask, so no {derived} (give --mask-dir)",
                     )
                 )
                 continue
             if not np.asarray(anchor.mask).any():
                 rejections.append(
-                    (anchor.id, "composite", f"{where}: the foreground mask is empty, so no counterfactuals")
+                    (anchor.id, "composite", f"{where}: the foreground mask is empty, so no {derived}")
                 )
                 continue
             for k in range(0 if saliency else self.config.num_positives):
