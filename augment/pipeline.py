@@ -48,7 +48,7 @@ from .workfolder import WORK, WorkFolder, fault_point, inspect_output
 
 NEGATIVE_KINDS = ("remove", "replace")
 SOURCES = ("folder", "bgchallenge", "hardimagenet", "hub")  # the sources read from --data-dir
-POSITIVE_GENERATORS = ("composite", "inpaint", "edit", "texture")
+POSITIVE_GENERATORS = ("composite", "inpaint", "edit", "texture", "saliency")
 
 
 @dataclass
@@ -128,6 +128,11 @@ class GenerateConfig:
     diffusion_batch_size: int = 4
     resolution: int | None = None
     inpaint_dilate: int = 4
+    # saliency positives (augment/synthesize/saliency.py)
+    classifier: str | None = None
+    saliency_threshold: float = 0.5
+    saliency_negatives: bool = False
+    saliency_layer: str | None = None
     # filters of diffusion outputs: an augment.filters.FilterConfig (None: its defaults)
     filters: Any = None
     device: str | None = None
@@ -357,8 +362,16 @@ class CounterfactualBuilder:
         rows: list[Row] = []
         rejections: list[tuple[str, str, str]] = []
         jobs: list[_Job] = []
+        saliency = getattr(self.positive_generator, "name", None) == "saliency"
+        if saliency:  # needs no mask: every anchor of the chunk in one batch
+            more, refused = self._saliency_rows(anchors)
+            rows += more
+            rejections += refused
         for anchor in anchors:
             where = anchor.path or anchor.id
+            if saliency and not self.config.negatives:
+                continue
+            derived = "composite negatives" if saliency else "counterfactuals"
             if anchor.mask is None and anchor.meta.get("mask_error"):
                 continue  # the segmentation stage has recorded why there is no mask
             if anchor.mask is None:
@@ -366,15 +379,15 @@ class CounterfactualBuilder:
                     (
                         anchor.id,
                         "composite",
-                        f"{where}: no foreground mask, so no counterfactuals (give --mask-dir)",
+                        f"{where}: no foreground mask, so no {derived} (give --mask-dir)",
                     )
                 )
                 continue
             problem = mask_coverage_problem(anchor.mask)
             if problem:  # the original is kept; nothing can be swapped or removed
-                rejections.append((anchor.id, "composite", f"{where}: {problem}, so no counterfactuals"))
+                rejections.append((anchor.id, "composite", f"{where}: {problem}, so no {derived}"))
                 continue
-            for k in range(self.config.num_positives):
+            for k in range(0 if saliency else self.config.num_positives):
                 self._plan_positive(anchor, k, rows, rejections, jobs)
             for k, neg in enumerate(self.config.negatives):
                 self._plan_negative(anchor, k, neg, rows, rejections, jobs)
@@ -667,6 +680,79 @@ class CounterfactualBuilder:
                 },
             )
         )
+
+    def _saliency_rows(self, anchors: list[Sample]) -> tuple[list[Row], list[tuple[str, str, str]]]:
+        """``--positives saliency``: one positive per anchor (and its complement negative with
+        ``--saliency-negatives``); a view on which the classifier loses the label is a rejection."""
+        gen = self.positive_generator
+        if not anchors:
+            return [], []
+        if getattr(self, "_fill", None) is None:
+            self._fill = self._mean_colour()
+        out = gen([a.image for a in anchors], [a.label for a in anchors], self._fill)
+        rows, rejections = [], []
+        names = self.source.class_names
+        neg_k = len(self.config.negatives)  # after the composite negatives' row ids
+        for i, anchor in enumerate(anchors):
+            pos_id, neg_id = f"{anchor.id}/positive/0", f"{anchor.id}/negative/{neg_k}"
+            if not out.kept_prediction[i]:
+                why = (
+                    f"{anchor.path or anchor.id}: the classifier predicts {out.predictions[i]!r}, not "
+                    f"{names[anchor.label]!r}, on the saliency-masked view"
+                )
+                rejections.append((pos_id, gen.name, why))
+                if out.complements is not None:
+                    rejections.append((neg_id, gen.name, f"{why}, so its complement is no negative"))
+                continue
+            recipe = {**out.recipes[i], "seed": item_seed(self.config.seed, pos_id)}
+            rows.append(
+                Row(
+                    id=pos_id,
+                    image=out.images[i],
+                    mask=out.masks[i],
+                    label=anchor.label,
+                    bg_label=-1,  # the background is the fill colour, no class's
+                    kind="positive",
+                    source_id=anchor.id,
+                    caption=scene_caption(self._name(anchor), None),
+                    recipe=recipe,
+                )
+            )
+            if out.complements is not None:
+                rows.append(
+                    Row(
+                        id=neg_id,
+                        image=out.complements[i],
+                        mask=None,
+                        label=-1,
+                        bg_label=background_class(anchor),
+                        kind="negative",
+                        source_id=anchor.id,
+                        caption="",
+                        bg_phrases=list(anchor.meta.get("bg_phrases", [])),
+                        recipe={
+                            **recipe,
+                            "negative": "saliency-complement",
+                            "background_source_id": anchor.id,
+                        },
+                    )
+                )
+        return rows, rejections
+
+    def _mean_colour(self, limit: int = 512) -> list[int]:
+        """The mean RGB colour of up to ``limit`` originals of the split (evenly spaced; each image
+        weighted equally), the colour the saliency views fill the dropped pixels with."""
+        picks = np.unique(np.linspace(0, self.pool.size - 1, min(limit, self.pool.size)).round().astype(int))
+        means = []
+        for j in picks.tolist():
+            try:
+                sample = self.cache.get(int(self.pool[j]))
+            except RejectedInput:
+                continue
+            means.append(np.asarray(sample.image.convert("RGB"), dtype=np.float64).reshape(-1, 3).mean(0))
+        if not means:
+            raise ValueError(f"split {self.split}: no readable original to take the mean colour from")
+        return [int(round(c)) for c in np.mean(means, axis=0)]
 
     # -- running --------------------------------------------------------------------------------
     def _run(self, jobs: list[_Job]) -> tuple[list[Row], list[tuple[str, str, str]]]:
@@ -1081,6 +1167,21 @@ def build_generators(config: GenerateConfig):
         positive = build_texture_generator(config, common, knobs)
         if positive.texture_source != "edit":  # no model, nothing to filter
             return positive, None, None
+    elif config.positives == "saliency":
+        from .synthesize.saliency import SaliencyGenerator
+
+        if config.num_positives != 1:
+            raise ValueError(
+                "--positives saliency makes one positive per original (the view is deterministic); "
+                f"--num-positives must be 1, got {config.num_positives}"
+            )
+        positive = SaliencyGenerator.from_pretrained(
+            config.classifier,
+            device=config.device,
+            threshold=config.saliency_threshold,
+            layer=config.saliency_layer,
+            negatives=config.saliency_negatives,
+        )
     elif config.positives == "inpaint":
         positive = inpainter()
     elif config.positives == "edit" and config.edit_kind == "instruct":
@@ -1097,7 +1198,7 @@ def build_generators(config: GenerateConfig):
     if config.negative_generator == "inpaint" and config.negatives:
         negative = inpainter()
     filters = None
-    if positive is not None or negative is not None:
+    if (positive is not None and config.positives != "saliency") or negative is not None:
         from .filters import Filters
 
         filters = Filters.from_config(config.filters, device=config.device)
@@ -1269,7 +1370,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="positive generator: composite (cut-and-paste onto another class's background), inpaint "
         "(keep the object, repaint the background from an alternative-background phrase), edit "
         "(--edit-kind instruct: 'turn the background of {bg} into {alt}'; img2img: DA-Fusion strengths), "
-        "texture (keep the object's shape, replace its texture: see --texture-source)",
+        "texture (keep the object's shape, replace its texture: see --texture-source), "
+        "saliency (ExCon: the --classifier's Grad-CAM of the label, the rest filled with the mean colour; "
+        "needs no mask)",
     )
     p.add_argument(
         "--texture-source",
@@ -1396,6 +1499,31 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resolution", type=int, help="working resolution (default: the model's native size)")
     g.add_argument(
         "--inpaint-dilate", type=int, default=4, help="pixels added around an object before it is removed"
+    )
+    g = p.add_argument_group(
+        "saliency positives (--positives saliency)",
+        "ExCon views from a trained classifier: pixels whose Grad-CAM importance for the label (normalised per "
+        "image to [0, 1]) is <= --saliency-threshold are replaced by the split's mean colour. A view on which "
+        "the classifier no longer predicts the label is recorded as a rejection (stage saliency), not written.",
+    )
+    g.add_argument(
+        "--classifier", metavar="DIR", help="an output folder of scripts/train.py (the model that explains)"
+    )
+    g.add_argument(
+        "--saliency-threshold",
+        type=float,
+        default=0.5,
+        help="importance at or below which pixels are replaced",
+    )
+    g.add_argument(
+        "--saliency-negatives",
+        action="store_true",
+        help="also write the complement (the salient pixels replaced, the rest kept) as a kind=negative row "
+        "beside each positive written",
+    )
+    g.add_argument(
+        "--saliency-layer",
+        help="Grad-CAM module name (default: the deepest convolutional stage whose map is at least 4 x 4)",
     )
     add_filter_arguments(p)
     g = p.add_argument_group("running the models")

@@ -164,7 +164,8 @@ class Index:
 class CounterfactualTrainSet(torch.utils.data.Dataset):
     """Anchors with a positive and stored negatives (see the module docstring).
 
-    Each item is a dict of tensors: ``anchor`` (3, R, R) uint8, ``label``, ``positive`` (3, R, R),
+    Each item is a dict of tensors: ``anchor`` (3, R, R) uint8, ``label``, ``index`` (its row k),
+    ``positive`` (3, R, R),
     ``positive_bg`` (the key its features are pushed under), ``has_positive``, ``negatives``
     (max_negatives, 3, R, R) and ``negative_valid`` (max_negatives,) bool.
     """
@@ -218,6 +219,13 @@ class CounterfactualTrainSet(torch.utils.data.Dataset):
         bg = self.index.bg_labels[k]
         return int(bg if bg >= 0 else self.index.labels[k])
 
+    def has_counterfactual_positive(self, k: int) -> bool:
+        """Whether anchor ``k`` gets a counterfactual positive: a stored one, or a composite from its mask."""
+        if self.index.positives[k]:
+            return True
+        pool = self._by_other_class.get(int(self.index.labels[k]))
+        return bool(self.index.has_mask[k]) and pool is not None and pool.size > 0
+
     def _composite_positive(self, k: int, rng: np.random.Generator) -> tuple[torch.Tensor, int] | None:
         label = int(self.index.labels[k])
         pool = self._by_other_class.get(label)
@@ -235,7 +243,11 @@ class CounterfactualTrainSet(torch.utils.data.Dataset):
     def __getitem__(self, k: int) -> dict[str, torch.Tensor]:
         idx = self.index
         label = int(idx.labels[k])
-        item = {"anchor": self.store.image(int(idx.originals[k])), "label": torch.tensor(label)}
+        item = {
+            "anchor": self.store.image(int(idx.originals[k])),
+            "label": torch.tensor(label),
+            "index": torch.tensor(k),  # the row, for per-row state such as the saliency positives' cache
+        }
         if not self.need_positives and not self.max_negatives:
             return item
         rng = item_rng(self.seed, f"epoch{self.epoch}/{k}")

@@ -153,6 +153,18 @@ def _hyperparameters(args: dict[str, Any], summary: dict[str, Any]) -> list[tupl
             ("dictionary negatives per anchor", args.get("queue_size")),
             ("stored negatives per anchor", args.get("max_stored_negatives")),
         ]
+    excon = summary.get("excon")
+    if excon:
+        rows.append(
+            (
+                "saliency positives (ExCon)",
+                f"{excon['mode']} rows ({excon['eligible_rows']}), Grad-CAM `{excon['cam_layer']}` > "
+                f"{excon['threshold']} kept, refreshed every {excon['refresh_epochs']} epoch(s) "
+                f"({len(excon['refreshes'])} refreshes); {excon['saliency_positives_last_refresh']} rows kept the "
+                f"prediction at the last refresh, {excon['saliency_positives_total']} saliency positives offered in all"
+                + (", complements as negatives" if excon["negatives"] else ""),
+            )
+        )
     rows += [
         (
             "model selection",

@@ -23,6 +23,13 @@ other originals of its class in the batch (negatives as for InfoNCE). ``--fairkl
 FairKL to the contrastive term, which becomes L_con + w * FairKL (still scaled by ``--lambda-con``);
 see :meth:`Objective.candidate_set` for the pairs and backgrounds it uses.
 
+``--saliency-positives`` (:mod:`debias.excon`, ExCon) gives rows without a counterfactual positive
+(``missing``) or every row (``all``) a positive made from the model's own Grad-CAM: recomputed at the
+start of every ``--saliency-refresh-epochs``-th epoch in eval mode (nothing of the optimiser or the BN
+statistics changes), cached per row and saved with each checkpoint, so a resumed run uses the same
+views. Its features enter the dictionary under a key other than the anchor's class (the view has no
+background of its own). ``train_summary.json`` records the settings and refreshes under ``excon``.
+
 Every epoch the model is evaluated on the validation split's original, mixed_same and mixed_rand
 variants, and the epoch with the best ``--selection-metric`` (CLAD's choice: validation mixed_rand)
 is the one saved with ``save_pretrained``, with its model card (:mod:`debias.modelcard`).
@@ -189,6 +196,41 @@ def build_parser() -> argparse.ArgumentParser:
         default="mixed_rand",
         help="validation metric that picks the saved epoch",
     )
+    g = p.add_argument_group("explanation-driven positives (ExCon)")
+    g.add_argument(
+        "--saliency-positives",
+        nargs="?",
+        const="missing",
+        choices=["missing", "all"],
+        help="positives from the model's own Grad-CAM (ExCon): pixels of importance <= --saliency-threshold replaced "
+        "by the dataset's mean colour; where the model no longer predicts the label on that view, the anchor itself "
+        "(augmented) is the positive. 'missing' (the default when the flag is given bare): only for rows without a "
+        "counterfactual positive (no stored positive and no mask to composite one from), so a dataset of originals "
+        "only can be trained with augment/clad/clad+; 'all': for every row, ignoring the counterfactual positives",
+    )
+    g.add_argument(
+        "--saliency-refresh-epochs",
+        type=int,
+        default=1,
+        help="recompute the saliency views with the current model (eval mode) at the start of every N-th epoch",
+    )
+    g.add_argument(
+        "--saliency-threshold",
+        type=float,
+        default=0.5,
+        help="pixels whose Grad-CAM importance (normalised per image to [0, 1]) is <= this are replaced",
+    )
+    g.add_argument(
+        "--saliency-negatives",
+        action="store_true",
+        help="also use the complement view (the salient pixels replaced, the rest kept) as one more stored "
+        "negative of its anchor, where the masked view kept the prediction",
+    )
+    g.add_argument(
+        "--saliency-layer",
+        help="module name (in the classifier's named_modules) for Grad-CAM (default: the deepest convolutional "
+        "stage whose map is at least 4 x 4)",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
         "--num-workers",
@@ -234,6 +276,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise SystemExit(
             f"train.py: error: --loss {args.loss} / --fairkl-weight apply to --method clad or clad+, not {args.method}"
         )
+    if getattr(args, "saliency_positives", None):
+        if args.method == "erm":
+            raise SystemExit(
+                "train.py: error: --saliency-positives needs --method augment, clad or clad+, not erm"
+            )
+        if args.saliency_refresh_epochs < 1:
+            raise SystemExit("train.py: error: --saliency-refresh-epochs must be >= 1")
+        if not 0 <= args.saliency_threshold < 1:
+            raise SystemExit("train.py: error: --saliency-threshold must be in [0, 1)")
+    elif args.saliency_negatives:
+        raise SystemExit("train.py: error: --saliency-negatives needs --saliency-positives")
     return args
 
 
@@ -483,21 +536,22 @@ def get_dataloaders(args: argparse.Namespace, dataset, resolution: int):
 
     if "train" not in dataset:
         raise ValueError(f"{args.dataset} has no train split (it has {list(dataset)})")
+    saliency = getattr(args, "saliency_positives", None)
     train_set = CounterfactualTrainSet(
         dataset["train"],
         resolution,
         seed=args.seed,
         max_negatives=args.max_stored_negatives,
-        need_positives=args.method != "erm",
+        need_positives=args.method != "erm" and saliency != "all",
         need_negatives=args.method in ("clad", "clad+"),
         cache_gb=args.cache_gb,
     )
-    if args.method != "erm":
+    if args.method != "erm" and not saliency:
         with_pos = sum(1 for k in range(len(train_set)) if train_set.index.positives[k])
         if with_pos + train_set.on_the_fly == 0:
             raise ValueError(
                 f"--method {args.method} needs positives, but {args.dataset} has no kind=positive rows and no masks to "
-                "composite them from; generate the dataset with masks or use --method erm"
+                "composite them from; generate the dataset with masks, add --saliency-positives or use --method erm"
             )
     loader = torch.utils.data.DataLoader(
         train_set,
@@ -654,6 +708,19 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
     accelerator.register_for_checkpointing(scheduler, progress)
     if objective.dictionary is not None:
         accelerator.register_for_checkpointing(objective.dictionary)
+    excon = None
+    if getattr(args, "saliency_positives", None):
+        from .excon import SaliencyPositives
+
+        excon = SaliencyPositives(
+            train_set,
+            args.saliency_positives,
+            args.saliency_threshold,
+            args.saliency_refresh_epochs,
+            args.saliency_negatives,
+            args.saliency_layer,
+        )
+        accelerator.register_for_checkpointing(excon)
     best_state: dict[str, torch.Tensor] | None = None
     resume = resolve_checkpoint(args.output_dir, args.resume_from_checkpoint)
     if args.resume_from_checkpoint and resume is None:
@@ -686,11 +753,17 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         train_set.set_epoch(epoch)
         loader.set_epoch(epoch)
         active = accelerator.skip_first_batches(loader, skip) if epoch == start_epoch and skip else loader
+        if excon is not None and excon.due(epoch):
+            record = excon.refresh(plain, augment.normalize, epoch, accelerator)
+            accelerator.print(f"saliency positives refreshed: {json.dumps(record)}")
         if not (epoch == start_epoch and skip):
             progress.epoch_sums, progress.epoch_count = {}, 0
         sums = progress.epoch_sums
         t_epoch = time.perf_counter()
         for batch in active:
+            if excon is not None:
+                batch = excon.apply(batch)
+                parts_extra = {"saliency_share": batch.pop("saliency_view").float().mean()}
             with accelerator.accumulate(wrapped):
                 loss, parts = objective(wrapped, batch, gather, plain)
                 accelerator.backward(loss)
@@ -699,6 +772,8 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                     scheduler.step()
                 optimizer.zero_grad()
             objective.after_step(parts, gather)
+            if excon is not None:
+                parts.update(parts_extra)
             for k, v in parts.items():
                 if k != "push":
                     sums[k] = sums.get(k, 0.0) + float(v)
@@ -769,6 +844,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "best_validation": best_val,
         "resolution": resolution,
         "num_processes": accelerator.num_processes,
+        **({"excon": excon.summary([h["epoch"] for h in progress.history])} if excon is not None else {}),
         "seconds": round(time.perf_counter() - t_start, 2),
     }
     if accelerator.is_main_process:
