@@ -352,7 +352,17 @@ class Objective(torch.nn.Module):
                 xn = self.augment(batch["negatives"][valid], neg_crops, jitter=False).contiguous(
                     memory_format=self.memory_format
                 )
-                _, f = (plain_model or model)(xn)
+                net = plain_model or model
+                if xn.shape[0] == 1 and net.training:
+                    # batch statistics of one image are undefined where a stage's map is 1x1 (BatchNorm
+                    # raises): a lone stored negative is embedded with the running statistics instead
+                    net.eval()
+                    try:
+                        _, f = net(xn)
+                    finally:
+                        net.train()
+                else:
+                    _, f = net(xn)
             neg_feats = torch.zeros(*valid.shape, f.shape[-1], device=f.device, dtype=f.dtype)
             neg_feats[valid] = f
         xp = self.augment(batch["positive"], crops)

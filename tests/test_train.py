@@ -274,3 +274,43 @@ def test_candidate_positives_with_and_without_same_class_originals(class_positiv
         c["pos"][:, 4:8], same_class if class_positives else torch.zeros(4, 4, dtype=torch.bool)
     )
     assert not c["pos"][:, 8:].any()  # dictionary entries are never positives
+
+
+def test_a_lone_stored_negative_at_a_1x1_stage_is_embedded_with_running_statistics(tiny_dataset):
+    """One valid stored negative in the batch, and the last stage's map is 1x1 at 32 px: training-mode
+    BatchNorm cannot normalise a single value, so that image goes through with the running statistics;
+    the loss equals the written-out one with the negative embedded in eval mode, and the model is left
+    in training mode."""
+    import copy
+
+    torch.manual_seed(0)
+    model, pre = build_model("small-resnet", ["a", "b", "c"], 32, widths=(8, 8, 16, 16))
+    net = ClassifierWithFeatures(model).train()
+    ref = copy.deepcopy(net)
+    identity = BatchAugment(pre.mean, pre.std, scale=(1.0, 1.0), ratio=(1.0, 1.0), flip=False, jitter=0.0)
+    obj = Objective("clad", identity, 3, net.feature_dim, ARGS)
+    obj.dictionary.push(torch.randn(7, net.feature_dim), torch.tensor([0, 1, 2, 0, 1, 2, 0]))
+    batch = dict(_batch(tiny_dataset, "clad"))
+    valid = torch.zeros_like(batch["negative_valid"])
+    valid[2, 0] = True
+    batch["negative_valid"] = valid
+    with pytest.raises(ValueError, match="more than 1 value per channel"):  # what the plain pass would do
+        copy.deepcopy(ref)(identity.normalize(batch["negatives"][2, :1]))
+    loss, _ = obj(net, batch)
+    assert net.training
+    # the reference, in the same order: the lone negative in eval mode, then anchors and positives
+    ref.eval()
+    with torch.no_grad():
+        f_neg = ref(identity.normalize(batch["negatives"][2, :1]))[1]
+    ref.train()
+    y = batch["label"]
+    logits, feats = ref(
+        torch.cat([identity.normalize(batch["anchor"]), identity.normalize(batch["positive"])])
+    )
+    neg = torch.zeros(*valid.shape, ref.feature_dim)
+    neg[valid] = f_neg
+    dict_feats, dict_valid = obj.dictionary.lookup(y)
+    z_neg = torch.cat([dict_feats, neg], 1)
+    mask = torch.cat([dict_valid, valid], 1)
+    expected = F.cross_entropy(logits[:6], y) + clad_infonce(feats[:6], feats[6:], z_neg, 0.2, mask)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5, abs=1e-6)
