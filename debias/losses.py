@@ -252,7 +252,7 @@ def fairkl(
     pos_mask: torch.Tensor,
     neg_mask: torch.Tensor | None = None,
     weight: torch.Tensor | None = None,
-    bandwidth: float = 0.05,
+    bandwidth: float = 0.5,
 ) -> torch.Tensor:
     """FairKL (Barbano et al., ICLR 2023) as a regulariser: bias-aligned and bias-conflicting pairs alike.
 
