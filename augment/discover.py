@@ -366,6 +366,9 @@ class DiscoverConfig:
     dtype: str | None = None
     overwrite: bool = False
     progress: bool = True
+    # loading policy (augment/trust.py): both off unless the flags say otherwise
+    trust_remote_code: bool = False
+    allow_bin_weights: bool = False
 
     def validate(self) -> None:
         if not 0 <= self.flip_threshold <= 1:
@@ -878,6 +881,7 @@ def run(config: DiscoverConfig, remover=None, editor=None, encoder=None, probe=N
     ``remover``, ``editor``, ``encoder`` and ``probe`` (a :class:`~augment.filters.ClassifierProbe`)
     replace the ones the config names when given.
     """
+    trust.configure(config.trust_remote_code, config.allow_bin_weights)
     from .dataset import DatasetWriter, Row, load_counterfactual_dataset, load_rejected
     from .filters import ClassifierProbe
 
@@ -1099,6 +1103,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g.add_argument("--device", help="torch device (default: Accelerate's, a GPU when there is one)")
     g.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="diffusion model precision")
+    trust.add_arguments(p.add_argument_group("loading models"))
     p.add_argument("--no-progress", dest="progress", action="store_false", help="hide progress bars")
     return p
 

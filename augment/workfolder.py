@@ -4,14 +4,14 @@ While ``scripts/generate.py`` runs, ``<output>/.work/`` holds everything finishe
 
     .work/
       settings.json                      the run's settings, compared on every rerun
-      units/annotate-<split>-<k>.pkl     the language and segmentation stage's results for unit k
+      units/annotate-<split>-<k>.json    the language and segmentation stage's results for unit k
       units/generate-<split>-<k>.parquet the rows of unit k (the dataset's schema)
       units/generate-<split>-<k>.json    its manifest: row ids, rejections, inputs, the parquet's sha256
 
 A *unit* is ``--chunk-size`` consecutive originals of one split; units do not depend on the number
 of processes, so neither does anything made from them. Every file is written by :func:`atomic_write`
 (temporary name, fsync, rename), and a unit counts as finished only once its last file is in place
-(the pickle; the manifest, written after the rows), so a job killed at any moment leaves finished
+(the annotation file; the manifest, written after the rows), so a job killed at any moment leaves finished
 units and at most stray ``.tmp`` files. A rerun of the same command skips the finished units, makes
 the rest, and merges all units into the dataset folder in the order of a single-process run; the
 work folder is removed once the merged folder has been checked against the manifests.
@@ -19,10 +19,10 @@ work folder is removed once the merged folder has been checked against the manif
 
 from __future__ import annotations
 
+import base64
 import hashlib
 import json
 import os
-import pickle
 import shutil
 import signal
 from collections import Counter
@@ -174,15 +174,16 @@ class WorkFolder:
         return self.units / f"{stage}-{name}.{ext}"
 
     def annotated(self, name: str) -> bool:
-        return self._path("annotate", name, "pkl").is_file()
+        return self._path("annotate", name, "json").is_file()
 
     def save_annotation(self, name: str, payload: dict[str, Any]) -> None:
-        atomic_write(self._path("annotate", name, "pkl"), pickle.dumps(payload, protocol=5))
+        """Unit ``name``'s annotations as JSON (never a pickle: a rerun reads files from the output
+        folder, and loading a pickle would run whatever code a planted file holds)."""
+        atomic_write(self._path("annotate", name, "json"), json.dumps(_encode_annotations(payload)).encode())
         fault_point("annotate")
 
     def load_annotation(self, name: str) -> dict[str, Any]:
-        with open(self._path("annotate", name, "pkl"), "rb") as f:
-            return pickle.load(f)
+        return _decode_annotations(json.loads(self._path("annotate", name, "json").read_text()))
 
     def generated(self, name: str) -> bool:
         """Whether unit ``name``'s manifest is in place and its rows file has the recorded size."""
@@ -211,3 +212,64 @@ class WorkFolder:
                 "changed after it was written); rerun the same command to make this unit again"
             )
         return data, manifest
+
+
+# -- the annotation stage's results as JSON ---------------------------------------------------------
+def _b64(data: bytes | None) -> str | None:
+    return None if data is None else base64.b64encode(data).decode("ascii")
+
+
+def _unb64(text: str | None) -> bytes | None:
+    return None if text is None else base64.b64decode(text)
+
+
+def _encode_annotations(payload: dict[str, Any]) -> dict[str, Any]:
+    """``{"annotations": {index: Annotation}, "rejections": [(id, stage, reason)], "phrase_masks":
+    [record]}`` as plain JSON (bytes as base64)."""
+    annotations = {}
+    for index, a in payload["annotations"].items():
+        annotations[str(index)] = {
+            "caption": a.caption,
+            "fg": list(a.fg),
+            "bg": list(a.bg),
+            "alt": list(a.alt),
+            "recipe": a.recipe,
+            "replaces_mask": a.replaces_mask,
+            "mask_bits": _b64(None if a.mask_bits is None else a.mask_bits.tobytes()),
+            "mask_shape": None if a.mask_shape is None else list(a.mask_shape),
+            "mask_error": a.mask_error,
+        }
+    phrase_masks = [
+        {**r, "mask": {"bytes": _b64(r["mask"]["bytes"]), "path": r["mask"].get("path")}}
+        for r in payload["phrase_masks"]
+    ]
+    return {
+        "annotations": annotations,
+        "rejections": [list(r) for r in payload["rejections"]],
+        "phrase_masks": phrase_masks,
+    }
+
+
+def _decode_annotations(data: dict[str, Any]) -> dict[str, Any]:
+    import numpy as np
+
+    from .annotate import Annotation
+
+    annotations = {}
+    for index, a in data["annotations"].items():
+        bits = _unb64(a.pop("mask_bits"))
+        shape = a.pop("mask_shape")
+        annotations[int(index)] = Annotation(
+            **a,
+            mask_bits=None if bits is None else np.frombuffer(bits, dtype=np.uint8).copy(),
+            mask_shape=None if shape is None else (int(shape[0]), int(shape[1])),
+        )
+    phrase_masks = [
+        {**r, "mask": {"bytes": _unb64(r["mask"]["bytes"]), "path": r["mask"].get("path")}}
+        for r in data["phrase_masks"]
+    ]
+    return {
+        "annotations": annotations,
+        "rejections": [tuple(r) for r in data["rejections"]],
+        "phrase_masks": phrase_masks,
+    }

@@ -482,10 +482,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, default=256)
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", dest="progress", action="store_false")
+    trust.add_arguments(p.add_argument_group("loading models"))
     return p
 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
+    trust.configure(getattr(args, "trust_remote_code", False), getattr(args, "allow_bin_weights", False))
     from .models import load_classifier
     from .report import write_evaluation_report
 

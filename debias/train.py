@@ -257,6 +257,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--mixed-precision", choices=["no", "fp16", "bf16"], help="default: from the accelerate config"
     )
     p.add_argument("--cpu", action="store_true", help="train on the CPU even when an accelerator is present")
+    trust.add_arguments(p.add_argument_group("loading models"))
     p.add_argument("--no-progress", dest="progress", action="store_false")
     return p
 
@@ -666,6 +667,7 @@ def _lr_factor(step: int, steps_per_epoch: int, decay_epochs: list[int], gamma: 
 
 def main(args: argparse.Namespace) -> dict[str, Any]:
     """Train; returns a summary (steps, best epoch, validation metrics, time)."""
+    trust.configure(args.trust_remote_code, args.allow_bin_weights)
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
 

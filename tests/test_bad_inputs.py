@@ -547,3 +547,57 @@ def test_hub_rows_paths_outside_the_dataset_are_not_opened(tmp_path):
     np.testing.assert_array_equal(np.asarray(src.load("train", 3).image), _scene())
     with pytest.raises(RejectedInput, match="row 4 image: empty file"):
         src.load("train", 4)
+
+
+class _Configured(Exception):
+    pass
+
+
+@pytest.mark.parametrize(
+    "script,argv",
+    [
+        ("train", ["--dataset", "d", "--output-dir", "o"]),
+        ("evaluate", ["--model", "m", "--dataset", "d", "--output", "o"]),
+        ("discover", ["--dataset", "d", "--classifier", "c", "--output", "o"]),
+        (
+            "personalize-train",
+            ["train", "--dataset", "d", "--output", "o", "--model", "m", "--method", "lora"],
+        ),
+        (
+            "personalize-generate",
+            ["generate", "--dataset", "d", "--adapters", "a", "--output", "o", "--per-class", "1"],
+        ),
+    ],
+)
+def test_every_script_takes_the_loading_flags_and_sets_the_policy_first(monkeypatch, script, argv):
+    """train / evaluate / discover / personalize take --trust-remote-code and --allow-bin-weights (off by
+    default) and hand them to the process-wide policy before loading anything."""
+    from augment import trust
+
+    seen = []
+
+    def fake_configure(trust_remote_code=False, allow_bin_weights=False):
+        seen.append((trust_remote_code, allow_bin_weights))
+        raise _Configured
+
+    monkeypatch.setattr(trust, "configure", fake_configure)
+    if script == "train":
+        from debias import train as mod
+
+        run = lambda a: mod.main(mod.build_parser().parse_args(a))  # noqa: E731
+    elif script == "evaluate":
+        from debias import evaluate as mod
+
+        run = lambda a: mod.main(mod.build_parser().parse_args(a))  # noqa: E731
+    elif script == "discover":
+        from augment import discover as mod
+
+        run = lambda a: mod.run(mod.parse_args(a))  # noqa: E731
+    else:
+        from augment.synthesize import personalize as mod
+
+        run = lambda a: (mod.train if a[0] == "train" else mod.generate)(mod.parse_args(a))  # noqa: E731
+    for extra, want in (([], (False, False)), (["--trust-remote-code", "--allow-bin-weights"], (True, True))):
+        with pytest.raises(_Configured):
+            run([*argv, *extra])
+        assert seen[-1] == want

@@ -173,3 +173,55 @@ def test_a_killed_diffusion_job_resumes_to_the_same_images(tmp_path):
     killed(out, "unit:2", args=args)
     assert generate(out, args=args)[0] == 0
     assert assert_same(reference, out) > 0
+
+
+def test_annotations_round_trip_through_json_not_pickle(tmp_path):
+    """The annotation stage's results are stored as JSON (a planted pickle in an output folder must not
+    run on a rerun) and come back equal: masks bit for bit, phrase masks byte for byte."""
+    import numpy as np
+    from PIL import Image
+
+    from augment.annotate import Annotation
+    from augment.dataset import phrase_mask_record
+    from augment.workfolder import WorkFolder
+
+    rng = np.random.default_rng(0)
+    mask = rng.random((5, 7)) > 0.5
+    bits, shape = Annotation.pack(mask)
+    payload = {
+        "annotations": {
+            3: Annotation(
+                "a dog on grass",
+                ["dog"],
+                ["grass"],
+                ["sand"],
+                {"caption": {"origin": "model"}},
+                True,
+                bits,
+                shape,
+                None,
+            ),
+            11: Annotation("a cat", mask_error="area 0.0 below --min-mask-area"),
+        },
+        "rejections": [("x/1", "extract", "not JSON")],
+        "phrase_masks": [phrase_mask_record("x/3", "dog", Image.fromarray(mask.astype(np.uint8) * 255, "L"))],
+    }
+    work = WorkFolder(tmp_path)
+    work.units.mkdir(parents=True)
+    work.save_annotation("train-0", payload)
+    assert not list(tmp_path.rglob("*.pkl")) and work.annotated("train-0")
+    back = work.load_annotation("train-0")
+    assert back["rejections"] == payload["rejections"]
+    assert back["phrase_masks"] == payload["phrase_masks"]
+    assert set(back["annotations"]) == {3, 11}
+    a = back["annotations"][3]
+    assert (a.caption, a.fg, a.bg, a.alt, a.recipe, a.replaces_mask) == (
+        "a dog on grass",
+        ["dog"],
+        ["grass"],
+        ["sand"],
+        {"caption": {"origin": "model"}},
+        True,
+    )
+    assert np.array_equal(np.asarray(a.mask_image()) > 127, mask)
+    assert back["annotations"][11].mask_bits is None and back["annotations"][11].mask_error.startswith("area")

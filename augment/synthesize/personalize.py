@@ -208,6 +208,9 @@ class PersonalizeTrainConfig:
     overwrite: bool = False
     cpu: bool = False
     progress: bool = True
+    # loading policy (augment/trust.py): both off unless the flags say otherwise
+    trust_remote_code: bool = False
+    allow_bin_weights: bool = False
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -815,6 +818,7 @@ def train(config: PersonalizeTrainConfig) -> dict[str, Any]:
     Raises ValueError for a class without images (naming it), FileExistsError when ``output`` already
     holds adapters and neither ``overwrite`` nor ``resume_from_checkpoint`` is set.
     """
+    trust.configure(config.trust_remote_code, config.allow_bin_weights)
     import torch
     from accelerate import Accelerator
     from accelerate.utils import ProjectConfiguration
@@ -1102,6 +1106,9 @@ class PersonalizeGenerateConfig:
     segment_batch_size: int = 8
     overwrite: bool = False
     progress: bool = True
+    # loading policy (augment/trust.py): both off unless the flags say otherwise
+    trust_remote_code: bool = False
+    allow_bin_weights: bool = False
 
     def __post_init__(self):
         if self.per_class < 1 or self.batch_size < 1 or self.steps < 1:
@@ -1207,6 +1214,7 @@ def generate(
     ``generator`` / ``segmenter`` may be handed in (tests, or to reuse loaded models); otherwise they
     are built from ``config``. Returns the writer's summary with ``generated`` and ``seconds`` added.
     """
+    trust.configure(config.trust_remote_code, config.allow_bin_weights)
     from tqdm.auto import tqdm
 
     from ..dataset import DatasetWriter, Row, load_counterfactual_dataset
@@ -1484,6 +1492,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     t.add_argument("--overwrite", action="store_true", help="replace adapters already in --output")
     t.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+    trust.add_arguments(t.add_argument_group("loading models"))
     t.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
 
     g = sub.add_parser(
@@ -1540,6 +1549,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_mask_arguments(m, MASK_SOURCES, "none", what="class")
     g.add_argument("--overwrite", action="store_true", help="replace --output if it exists")
+    trust.add_arguments(g.add_argument_group("loading models"))
     g.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bar")
     return p
 
