@@ -411,12 +411,7 @@ class SyntheticBackgrounds(Source):
         a = rng.uniform(0, 2 * np.pi)
         light = 0.8 + 0.35 * ((xx - 0.5) * math.cos(a) + (yy - 0.5) * math.sin(a))
         obj = np.clip(colour[None, None, :] * light[..., None], 0, 255)
-        if self.outline:
-            rim = mask & ~_erode(mask, max(1, size // 64))
-            obj = np.where(rim[..., None], obj * 0.25, obj)
-        img = np.where(mask[..., None], obj, background)
-        img = img + rng.normal(0, self.noise, img.shape)
-        image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+        image = self._compose(mask, obj, background, rng)
         obj_name, bg_name = self.class_names[label], BACKGROUND_NAMES[bg]
         return Sample(
             id=item_id,
@@ -429,6 +424,18 @@ class SyntheticBackgrounds(Source):
             caption=render(CAPTION_SCENE, object=obj_name, background=bg_name),
             meta={"object": obj_name, "background": bg_name},
         )
+
+    def _compose(
+        self, mask: np.ndarray, fill: np.ndarray, background: np.ndarray, rng: np.random.Generator
+    ) -> Image.Image:
+        """The object's ``fill`` inside ``mask`` (its rim darkened with ``outline``) over ``background``,
+        plus the item's pixel noise (drawn from ``rng``, after everything else the item draws)."""
+        if self.outline:
+            rim = mask & ~_erode(mask, max(1, self.image_size // 64))
+            fill = np.where(rim[..., None], fill * 0.25, fill)
+        img = np.where(mask[..., None], fill, background)
+        img = img + rng.normal(0, self.noise, img.shape)
+        return Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
 
     def describe(self) -> dict:
         return {
@@ -541,12 +548,7 @@ class SyntheticTextures(SyntheticBackgrounds):
         else:
             fill = render_texture(family, size, rng)
             words = f"{TEXTURE_WORDS[family]} {obj_name}"
-        if self.outline:
-            rim = mask & ~_erode(mask, max(1, size // 64))
-            fill = np.where(rim[..., None], fill * 0.25, fill)
-        img = np.where(mask[..., None], fill, background)
-        img = img + rng.normal(0, self.noise, img.shape)
-        image = Image.fromarray(np.clip(np.rint(img), 0, 255).astype(np.uint8), "RGB")
+        image = self._compose(mask, fill, background, rng)
         return Sample(
             id=item_id,
             split=split,
