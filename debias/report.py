@@ -137,50 +137,53 @@ def comparison_markdown(
     """A table with one row per method."""
     if any(r.get("details", {}).get("bias") == "texture" for r in reports.values()):
         return texture_comparison_markdown(reports, title, notes)
-    cols = ["original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "only_bg_t"]
-    lines = [f"# {title}", ""]
-    lines.append("| method | " + " | ".join(cols) + " | bg_gap | challenge | worst group |")
-    lines.append("|" + " --- |" * (len(cols) + 4))
-    for method, r in reports.items():
-        acc = r["accuracy"]
-        lines.append(
-            f"| {method} | "
-            + " | ".join(_fmt(acc.get(c)) for c in cols)
-            + f" | {_fmt(r.get('bg_gap'))} | {_fmt(r.get('challenge_accuracy'))} | {_fmt(r.get('worst_group_accuracy'))} |"
-        )
-    lines += [
-        "",
-        "Top-1 accuracy in percent on the test split's Background Challenge variants. bg_gap = mixed_same - mixed_rand",
+    return _method_table(
+        reports,
+        title,
+        ["original", "only_fg", "mixed_same", "mixed_rand", "mixed_next", "only_bg_t"],
+        [("bg_gap", "bg_gap"), ("challenge", "challenge_accuracy"), ("worst group", "worst_group_accuracy")],
+        "Top-1 accuracy in percent on the test split's Background Challenge variants. bg_gap = mixed_same - mixed_rand\n"
         "(lower is better); only_bg_t: background alone (lower = less background reliance).",
-    ]
-    for note in notes or []:
-        lines += ["", note]
-    return "\n".join(lines) + "\n"
+        notes,
+    )
 
 
 def texture_comparison_markdown(
     reports: dict[str, dict[str, Any]], title: str = "Methods compared", notes: list[str] | None = None
 ) -> str:
     """A table with one row per method on the texture benchmark: texture splits and shape bias."""
-    cols = ["original", *TEXTURE_SPLITS]
-    lines = [f"# {title}", ""]
-    lines.append("| method | " + " | ".join(cols) + " | shape bias | worst group |")
-    lines.append("|" + " --- |" * (len(cols) + 3))
-    for method, r in reports.items():
-        acc = r["accuracy"]
-        lines.append(
-            f"| {method} | "
-            + " | ".join(_fmt(acc.get(c)) for c in cols)
-            + f" | {_fmt(r.get('shape_bias'))} | {_fmt(r.get('worst_group_accuracy'))} |"
-        )
-    lines += [
-        "",
+    return _method_table(
+        reports,
+        title,
+        ["original", *TEXTURE_SPLITS],
+        [("shape bias", "shape_bias"), ("worst group", "worst_group_accuracy")],
         "Top-1 accuracy in percent on the texture benchmark's test splits: original (texture = class with "
         "probability rho), cue_conflict (one class's shape, another's texture; label = the shape), silhouette "
         "(the shape filled flat), texture_only (a square of a class's texture; label = that class). Shape bias: "
         "share of shape decisions among cue_conflict predictions that are either the shape's or the texture's "
         "class (higher = less texture reliance).",
-    ]
+        notes,
+    )
+
+
+def _method_table(
+    reports: dict[str, dict[str, Any]],
+    title: str,
+    cols: list[str],
+    extra: list[tuple[str, str]],
+    caption: str,
+    notes: list[str] | None,
+) -> str:
+    """``# title``, a row per method: the accuracy of each of ``cols``, then each ``(header, key)`` of
+    ``extra`` read from the report itself; the caption and the notes below."""
+    lines = [f"# {title}", ""]
+    lines.append("| method | " + " | ".join([*cols, *(h for h, _ in extra)]) + " |")
+    lines.append("|" + " --- |" * (len(cols) + len(extra) + 1))
+    for method, r in reports.items():
+        acc = r["accuracy"]
+        cells = [_fmt(acc.get(c)) for c in cols] + [_fmt(r.get(k)) for _, k in extra]
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    lines += ["", caption]
     for note in notes or []:
         lines += ["", note]
     return "\n".join(lines) + "\n"
