@@ -646,6 +646,7 @@ def save_checkpoint(accelerator, args, progress: TrainProgress, best_state: dict
         for stale in old[: max(0, len(old) - args.checkpoints_total_limit)]:
             shutil.rmtree(stale, ignore_errors=True)
     accelerator.wait_for_everyone()
+    _fault_point(progress.global_step)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -803,7 +804,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
                 if due and not (epoch_end or done):
                     save_checkpoint(accelerator, args, progress, best_state)
                     last_saved = progress.global_step
-                    _fault_point(progress.global_step)
                 if done:
                     break
         entry: dict[str, Any] = {
@@ -836,7 +836,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         ):
             save_checkpoint(accelerator, args, progress, best_state)
             last_saved = progress.global_step
-            _fault_point(progress.global_step)
     bar.close()
     if last_saved != progress.global_step:  # the final state, so that a rerun can resume (or stop at once)
         save_checkpoint(accelerator, args, progress, best_state)
